@@ -23,7 +23,12 @@ logger = logging.getLogger(__name__)
 
 
 def tokenize_captions(
-    captions: Sequence[str], tokenizer: Any, max_len: int, cache_dir: str | None, num_proc: int | None, overwrite: bool
+    captions: Sequence[str],
+    tokenizer: Any,
+    max_len: int,
+    cache_dir: str | None,
+    num_proc: int | None,
+    overwrite: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of every caption as one flat int32 array plus offsets (cached with datasets.map)."""
     ds = datasets.Dataset.from_dict({"caption": list(captions)})
@@ -85,9 +90,11 @@ class ImagesOnTheFly:
 
 
 class ClipDataset(torch.utils.data.Dataset):
-    """Caption rows -> {"input_ids": int32 array, "image": uint8 [S, S, 3]}."""
+    """Caption rows -> {"input_ids": int32 array, "pixel_values": uint8 [S, S, 3]}."""
 
-    def __init__(self, flat_ids: np.ndarray, offsets: np.ndarray, image_index: np.ndarray, images: Any) -> None:
+    def __init__(
+        self, flat_ids: np.ndarray, offsets: np.ndarray, image_index: np.ndarray, images: Any
+    ) -> None:
         self.flat_ids, self.offsets, self.image_index, self.images = flat_ids, offsets, image_index, images
 
     def __len__(self) -> int:
@@ -95,7 +102,7 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         ids = self.flat_ids[self.offsets[i] : self.offsets[i + 1]]
-        return {"input_ids": ids, "image": self.images[self.image_index[i]]}
+        return {"input_ids": ids, "pixel_values": self.images[self.image_index[i]]}
 
 
 def build_dataset(
@@ -130,7 +137,9 @@ def build_dataset(
         images = ImagesOnTheFly(unique, image_size)
     if len(keep) < len(captions):
         starts, ends = offsets[keep], offsets[keep + 1]
-        flat = np.concatenate([flat[s:e] for s, e in zip(starts, ends, strict=True)]) if len(keep) else flat[:0]
+        flat = (
+            np.concatenate([flat[s:e] for s, e in zip(starts, ends, strict=True)]) if len(keep) else flat[:0]
+        )
         offsets = np.zeros(len(keep) + 1, dtype=np.int64)
         np.cumsum(ends - starts, out=offsets[1:])
     return ClipDataset(flat, offsets, image_index[keep], images), unique, keep
@@ -143,7 +152,7 @@ class Collator:
         self.pad_id, self.max_len, self.pad_to_max_length = pad_id, max_len, pad_to_max_length
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        samples = [s for s in samples if s["image"] is not None]
+        samples = [s for s in samples if s["pixel_values"] is not None]
         if self.pad_to_max_length:
             width = self.max_len
         else:
@@ -155,7 +164,9 @@ class Collator:
             n = len(s["input_ids"])
             ids[row, :n] = s["input_ids"]
             mask[row, :n] = 1
-        images = np.stack([s["image"] for s in samples]) if samples else np.zeros((0, 1, 1, 3), np.uint8)
+        images = (
+            np.stack([s["pixel_values"] for s in samples]) if samples else np.zeros((0, 1, 1, 3), np.uint8)
+        )
         return {
             "input_ids": torch.from_numpy(ids),
             "attention_mask": torch.from_numpy(mask),

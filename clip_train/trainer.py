@@ -54,7 +54,11 @@ class ClipTrainer(Trainer):
         return normalize_pixels(images, self._mean, self._std)
 
     def compute_loss(
-        self, model: torch.nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
+        self,
+        model: torch.nn.Module,
+        inputs: dict,
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
     ) -> Any:
         out = model(
             input_ids=inputs["input_ids"],
@@ -63,7 +67,9 @@ class ClipTrainer(Trainer):
             return_loss=False,
         )
         scale = self.accelerator.unwrap_model(model).logit_scale
-        loss = clip_loss(out.image_embeds, out.text_embeds, scale, scope=self.loss_scope)
+        # Evaluation keeps the in-batch loss, so eval_loss stays comparable with the recipe's at any world size.
+        scope = self.loss_scope if model.training else "local"
+        loss = clip_loss(out.image_embeds, out.text_embeds, scale, scope=scope)
         return (loss, out) if return_outputs else loss
 
     def prediction_step(
@@ -76,7 +82,9 @@ class ClipTrainer(Trainer):
         return loss.detach(), None, None
 
     # --- throughput -------------------------------------------------------------------------------------------
-    def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         steps_done = self.state.global_step - self._clock.setdefault("first_step", self.state.global_step)
         if steps_done == self.skip_steps and "t0" not in self._clock:
             synchronize(self.args.device)
@@ -86,7 +94,11 @@ class ClipTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def global_batch(self) -> int:
-        return self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
+        return (
+            self.args.per_device_train_batch_size
+            * self.args.world_size
+            * self.args.gradient_accumulation_steps
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Per-interval throughput for the plots; the figure users compare is train_samples_per_second below.
@@ -94,7 +106,9 @@ class ClipTrainer(Trainer):
             now = time.perf_counter()
             steps = self.state.global_step - self._clock["last_step"]
             if steps > 0 and now > self._clock["last_t"]:
-                logs["train_step_samples_per_second"] = round(steps * self.global_batch() / (now - self._clock["last_t"]), 3)
+                logs["train_step_samples_per_second"] = round(
+                    steps * self.global_batch() / (now - self._clock["last_t"]), 3
+                )
             self._clock["last_t"], self._clock["last_step"] = now, self.state.global_step
         super().log(logs, start_time)
 
