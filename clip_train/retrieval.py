@@ -11,9 +11,9 @@ of caption ``t``'s image. Scores are dot products of L2-normalised embeddings (c
 - Recalls are percentages (0-100), as the CLIP papers report them. K beyond the number of candidates
   gives 100%, since every rank is <= the number of candidates.
 
-The score matrix is built ``chunk_size`` rows at a time, so memory is about
-``chunk_size * max(N_img, N_txt) * 5`` bytes (the float scores and one boolean comparison), never
-``N_img * N_txt`` at once.
+The score matrix is built ``chunk_size`` rows at a time, so extra memory is about
+``chunk_size * max(N_img, N_txt) * 4`` bytes (the float32 scores) plus a few MB, never ``N_img * N_txt``
+at once.
 
 For several ranks: each embeds its contiguous shard (``shard_indices``), then ``gather_rows`` hands every
 rank the full matrix; the metrics are then computed the same way everywhere.
@@ -66,6 +66,18 @@ def _check_inputs(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_to
             )
 
 
+def _count_at_or_above(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Per row, how many scores are >= that row's threshold [c, 1].
+
+    In blocks of ~2M elements: summing a boolean tensor converts it to int64 first, which would
+    otherwise cost 9 bytes per score on top of the scores themselves.
+    """
+    rows = max(1, (1 << 21) // max(1, scores.shape[1]))
+    return torch.cat(
+        [(scores[r : r + rows] >= threshold[r : r + rows]).sum(1) for r in range(0, len(scores), rows)]
+    )
+
+
 def retrieval_ranks(
     image_embeds: torch.Tensor,
     text_embeds: torch.Tensor,
@@ -94,7 +106,7 @@ def retrieval_ranks(
         pos = scores[rows, caps]  # read from the same matrix as the competitors, so ties are exact
         best = torch.full((stop - start,), float("-inf"), device=device)
         best = best.scatter_reduce(0, rows, pos, reduce="amax")
-        at_or_above = (scores >= best[:, None]).sum(1)
+        at_or_above = _count_at_or_above(scores, best[:, None])
         # Positives scoring >= the best positive are exactly those equal to it; they are not competitors.
         pos_at_best = torch.zeros(stop - start, dtype=torch.long, device=device)
         pos_at_best = pos_at_best.scatter_add(0, rows, (pos >= best[rows]).long())
@@ -106,7 +118,7 @@ def retrieval_ranks(
         scores = txt[start:stop] @ img.T  # [c, N_img]
         own = scores.gather(1, t2i[start:stop, None])
         # Counts the own image itself (score >= itself) plus every wrong image tying or beating it.
-        t2i_rank[start:stop] = (scores >= own).sum(1)
+        t2i_rank[start:stop] = _count_at_or_above(scores, own)
 
     return i2t.cpu(), t2i_rank.cpu()
 
