@@ -25,6 +25,7 @@ from clip_train import backend, data, loading, outputs
 from clip_train.args import ArgumentError, parse_args
 from clip_train.coco import DataError
 from clip_train.loss import LogitScaleClamp
+from clip_train.report import save_plots
 from clip_train.trainer import ClipTrainer
 
 logger = logging.getLogger("run_clip")
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
         image_std=image_processor.image_std,
         skip_steps=recipe_args.skip_steps,
         loss_scope=recipe_args.loss_scope,
+        retrieval=recipe_args.retrieval_eval,
+        pad_id=tokenizer.pad_token_id,
         callbacks=[LogitScaleClamp(recipe_args.max_logit_scale)] if recipe_args.max_logit_scale else None,
     )
     results: dict = dict(skipped)
@@ -133,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results.update(metrics)
+    if trainer.is_world_process_zero():
+        save_plots(trainer.state.log_history, training_args.output_dir)
     return results
 
 

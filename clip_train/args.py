@@ -113,6 +113,10 @@ class RecipeArguments:
         default=None,
         metadata={"help": "Largest exp(logit_scale), clamped after each step; CLIP uses 100. Off."},
     )
+    retrieval_eval: bool = field(
+        default=True,
+        metadata={"help": "At each evaluation also compute image<->text R@1/5/10 on the validation split."},
+    )
     requested_optim: str | None = field(default=None, metadata={"help": "(set internally from --optim)"})
 
 

@@ -145,6 +145,18 @@ def build_dataset(
     return ClipDataset(flat, offsets, image_index[keep], images), unique, keep
 
 
+def pad_captions(ids: list[np.ndarray], pad_id: int, width: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) padded to ``width``, or to the longest caption rounded up to a multiple of 8."""
+    if width is None:
+        width = -(-max((len(x) for x in ids), default=1) // 8) * 8
+    out = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for row, x in enumerate(ids):
+        out[row, : len(x)] = x
+        mask[row, : len(x)] = 1
+    return torch.from_numpy(out), torch.from_numpy(mask)
+
+
 class Collator:
     """Pads a batch's captions to its longest (a multiple of 8) or to ``max_len``; stacks uint8 images."""
 
@@ -153,22 +165,11 @@ class Collator:
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         samples = [s for s in samples if s["pixel_values"] is not None]
-        if self.pad_to_max_length:
-            width = self.max_len
-        else:
-            longest = max((len(s["input_ids"]) for s in samples), default=1)
-            width = min(self.max_len, -(-longest // 8) * 8) if self.max_len >= 8 else longest
-        ids = np.full((len(samples), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(samples), width), dtype=np.int64)
-        for row, s in enumerate(samples):
-            n = len(s["input_ids"])
-            ids[row, :n] = s["input_ids"]
-            mask[row, :n] = 1
+        ids = [s["input_ids"] for s in samples]
+        longest = -(-max((len(x) for x in ids), default=1) // 8) * 8
+        width = self.max_len if self.pad_to_max_length else min(self.max_len, longest)
+        input_ids, mask = pad_captions(ids, self.pad_id, max(width, max((len(x) for x in ids), default=1)))
         images = (
             np.stack([s["pixel_values"] for s in samples]) if samples else np.zeros((0, 1, 1, 3), np.uint8)
         )
-        return {
-            "input_ids": torch.from_numpy(ids),
-            "attention_mask": torch.from_numpy(mask),
-            "pixel_values": torch.from_numpy(images),
-        }
+        return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": torch.from_numpy(images)}

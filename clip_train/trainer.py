@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .evaluation import retrieval_eval
 from .loss import clip_loss
 
 
@@ -35,6 +36,8 @@ class ClipTrainer(Trainer):
         image_std: list[float],
         skip_steps: int = 0,
         loss_scope: str = "local",
+        retrieval: bool = True,
+        pad_id: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -42,6 +45,7 @@ class ClipTrainer(Trainer):
         self._std = torch.tensor(image_std).view(1, 3, 1, 1)
         self.skip_steps = skip_steps
         self.loss_scope = loss_scope
+        self.retrieval, self.pad_id = retrieval, pad_id
         self._clock: dict[str, float] = {}
         self.add_callback(_StepClock(self._clock))
 
@@ -80,6 +84,26 @@ class ClipTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
+    ) -> dict:
+        """The in-batch eval loss (as the recipe), then retrieval recall over the whole validation split."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if self.retrieval and ds is not None and len(ds):
+            start = time.perf_counter()
+            with torch.no_grad(), self.accelerator.autocast():
+                found = retrieval_eval(
+                    self.model, ds, pad_id=self.pad_id, batch_size=self.args.per_device_eval_batch_size,
+                    device=self.args.device, rank=self.args.process_index, world=self.args.world_size,
+                    pixels=self.pixels,
+                )  # fmt: skip
+            found = {f"{metric_key_prefix}_{k}": round(v, 4) for k, v in found.items()}
+            found[f"{metric_key_prefix}_retrieval_runtime"] = round(time.perf_counter() - start, 3)
+            self.log(found)
+            metrics.update(found)
+        return metrics
 
     # --- throughput -------------------------------------------------------------------------------------------
     def training_step(
