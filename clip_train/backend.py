@@ -38,7 +38,9 @@ class Plan:
     opt_level: str | None  # apex opt level; None off the apex path
     loss_scale: float | str | None  # a number = static; "dynamic"; None = no loss scaling
     optimizer: str  # a transformers optim name, or APEX_OPTIMIZER
-    combine_grad: bool  # apex combined grad buffers + fused global-norm clip
+    combine_grad: (
+        bool  # combined grad buffers (apex, or torch_npu's fused optimizer) + fused global-norm clip
+    )
     init_scale: float | None = None  # first scale of a dynamic GradScaler (None: library default 2**16)
     notes: list[str] = field(default_factory=list)  # one-line messages for the user
 
@@ -207,9 +209,18 @@ def _native_optimizer(plan: Plan, combine_grad: bool) -> None:
     elif requested == "adamw_torch_npu_fused" and family != "npu":
         plan.optimizer = fused
         plan.notes.append(f"--optim adamw_torch_npu_fused needs torch_npu: using {fused}")
-    if combine_grad:
-        if plan.optimizer == "adamw_torch":
-            plan.optimizer = fused
+    if not combine_grad:
+        return
+    if plan.optimizer == "adamw_torch":
+        plan.optimizer = fused
+    if plan.optimizer == "adamw_torch_npu_fused":
+        # torch_npu's fused optimizers flatten params and grads into combined buffers themselves.
+        plan.combine_grad = True
+        plan.notes.append(
+            "--use_combine_grad without apex: torch_npu's NpuFusedAdamW keeps combined grad buffers; "
+            "the global norm is clipped on them (clip_grad_norm_fused_)"
+        )
+    else:
         plan.notes.append(
             f"--use_combine_grad without apex: {plan.optimizer} updates all params in one fused step and "
             "torch's clip_grad_norm_ uses multi-tensor kernels; there are no combined grad buffers"

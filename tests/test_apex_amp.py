@@ -130,17 +130,41 @@ def test_apex_without_combine_grad_clips_the_master_params(standins, tmp_path) -
     assert apex_calls() == ["scale_loss", "master_params", "step"] * 2
 
 
-def test_torch2_zero_grad_would_detach_the_combined_grads(standins, tmp_path) -> None:
+NPU_NATIVE_COMBINED = {
+    **RECIPE,
+    "optim": "adamw_apex_fused_npu",
+    "use_combine_grad": True,
+    "apex_available": False,
+}
+
+
+def test_without_apex_torch_npu_fused_optimizer_clips_its_combined_grads(standins, tmp_path) -> None:
+    import torch_npu
+
+    plan = backend.make_plan("npu", **NPU_NATIVE_COMBINED)
+    trainer = make_trainer(tmp_path, plan, steps=3)
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer, torch_npu.optim.NpuFusedAdamW)
+    assert torch_npu.optim.CALLS == [("clip_grad_norm_fused_", 1.0), ("step",)] * 3
+    assert "backward" not in vars(trainer.accelerator)  # no apex: the Trainer's own backward
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {**RECIPE, "optim": "adamw_apex_fused_npu", "use_combine_grad": True, "apex_available": True},
+        NPU_NATIVE_COMBINED,
+    ],
+    ids=["apex", "torch_npu-fused"],
+)
+def test_torch2_zero_grad_would_detach_the_combined_grads(standins, tmp_path, flags) -> None:
     """Without the mixin's training_step hook the loop's model.zero_grad() sets grads to None between steps."""
 
     class WithoutHook(BackendTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
             return Trainer.training_step(self, model, inputs, num_items_in_batch)
 
-    plan = backend.make_plan(
-        "npu", **RECIPE, optim="adamw_apex_fused_npu", use_combine_grad=True, apex_available=True
-    )
-    trainer = make_trainer(tmp_path, plan, steps=2, cls=WithoutHook)
+    trainer = make_trainer(tmp_path, backend.make_plan("npu", **flags), steps=2, cls=WithoutHook)
     with pytest.raises(RuntimeError, match="no longer its combined-buffer tensor"):
         trainer.train()
 

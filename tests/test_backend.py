@@ -65,7 +65,7 @@ PLAN_TABLE = [
         "npu",
         {**RECIPE, "optim": "adamw_apex_fused_npu", "use_combine_grad": True, "apex_available": False},
         {"precision": "fp16", "amp": "native", "opt_level": None, "loss_scale": S, "init_scale": None,
-         "optimizer": "adamw_torch_npu_fused", "combine_grad": False},
+         "optimizer": "adamw_torch_npu_fused", "combine_grad": True},
     ),
     (
         "npu",
@@ -75,7 +75,7 @@ PLAN_TABLE = [
     (
         "npu",
         {**RECIPE, "optim": "adamw_torch", "use_combine_grad": True},
-        {"amp": "native", "optimizer": "adamw_torch_npu_fused", "combine_grad": False},
+        {"amp": "native", "optimizer": "adamw_torch_npu_fused", "combine_grad": True},
     ),
     # CUDA: autocast fp16 with a dynamic GradScaler starting at the given scale, or bf16 without one.
     (
@@ -138,6 +138,11 @@ def test_plan_table(family: str, flags: dict, expected: dict) -> None:
         ("npu", {**RECIPE, "apex_available": True, "use_combine_grad": True}, "combined buffers"),
         ("cuda", RECIPE, "first scale of a dynamic GradScaler"),
         ("cuda", {**RECIPE, "use_combine_grad": True}, "no combined grad buffers"),
+        (
+            "npu",
+            {**RECIPE, "use_combine_grad": True, "optim": "adamw_apex_fused_npu"},
+            "clip_grad_norm_fused_",
+        ),
         ("cuda", {"fp16": False, "bf16": False, "device_id": 3}, "CUDA_VISIBLE_DEVICES=3"),
         ("npu", {"fp16": False, "bf16": False, "device_id": 5}, "ASCEND_RT_VISIBLE_DEVICES=5"),
     ],
