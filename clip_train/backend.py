@@ -137,7 +137,7 @@ def make_plan(
         notes.append(f"bf16: torch.autocast({family}, bfloat16), fp32 weights, no loss scaling")
         if family == "npu" and apex_available:
             notes.append("apex amp is fp16-only; --bf16 uses native autocast instead")
-    if loss_scale is not None and plan.loss_scale is None:
+    if isinstance(scale, float) and plan.loss_scale is None:
         notes.append(f"--loss_scale {loss_scale} ignored: no fp16 loss scaling in this run")
     _native_optimizer(plan, use_combine_grad)
     return plan

@@ -113,7 +113,7 @@ PLAN_TABLE = [
     ),
     (
         "cpu",
-        {"fp16": False, "bf16": False},
+        {"fp16": False, "bf16": False, "loss_scale": "dynamic"},
         {"precision": "fp32", "amp": "none", "optimizer": "adamw_torch_fused", "notes": []},
     ),
 ]  # fmt: skip
@@ -137,6 +137,7 @@ def test_plan_table(family: str, flags: dict, expected: dict) -> None:
         ("npu", {**RECIPE, "apex_available": True}, "fp32 master weights"),
         ("npu", {**RECIPE, "apex_available": True, "use_combine_grad": True}, "combined buffers"),
         ("cuda", RECIPE, "first scale of a dynamic GradScaler"),
+        ("cuda", {"fp16": False, "bf16": True, "loss_scale": "128"}, "--loss_scale 128 ignored"),
         ("cuda", {**RECIPE, "use_combine_grad": True}, "no combined grad buffers"),
         (
             "npu",
