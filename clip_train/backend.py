@@ -166,7 +166,7 @@ def _apex_fp16(plan: Plan, opt_level: str, scale: float | str, combine_grad: boo
         plan.notes.append(f"apex {opt_level}: model weights cast to fp16, {kept}")
     if isinstance(scale, float):
         plan.notes.append(
-            f"apex static loss scale {scale:g} (never adjusted; relies on Ascend fp16 saturation)"
+            f"apex static loss scale {scale:.10g} (never adjusted; relies on Ascend fp16 saturation)"
         )
     if plan.optimizer == RECIPE_APEX_OPTIM:
         plan.optimizer = APEX_OPTIMIZER
@@ -191,12 +191,12 @@ def _native_fp16(plan: Plan, opt_level: str, scale: float | str, apex_available:
         plan.loss_scale = "dynamic"
     elif family == "npu":
         plan.loss_scale = scale
-        plan.notes.append(f"static loss scale {scale:g}: torch_npu GradScaler(dynamic=False)")
+        plan.notes.append(f"static loss scale {scale:.10g}: torch_npu GradScaler(dynamic=False)")
     else:
         # CUDA fp16 has no saturation mode: a fixed 1.28e7 overflows and every step would be skipped.
         plan.loss_scale, plan.init_scale = "dynamic", scale
         plan.notes.append(
-            f"CUDA: --loss_scale {scale:g} is the first scale of a dynamic GradScaler (fp16 overflow backs it off)"
+            f"CUDA: --loss_scale {scale:.10g} is the first scale of a dynamic GradScaler (fp16 overflow backs it off)"
         )
 
 
@@ -237,9 +237,9 @@ def describe(plan: Plan) -> str:
     if plan.loss_scale is None:
         scaling = "none"
     elif plan.loss_scale == "dynamic":
-        scaling = "dynamic" + (f" from {plan.init_scale:g}" if plan.init_scale else "")
+        scaling = "dynamic" + (f" from {plan.init_scale:.10g}" if plan.init_scale else "")
     else:
-        scaling = f"static {plan.loss_scale:g}"
+        scaling = f"static {plan.loss_scale:.10g}"
     optimizer = "apex NpuFusedAdamW" if plan.optimizer == APEX_OPTIMIZER else plan.optimizer
     if plan.combine_grad:
         optimizer += " + combined grads"

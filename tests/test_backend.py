@@ -191,11 +191,11 @@ def test_describe_is_one_line_with_everything() -> None:
     line = backend.describe(plan)
     assert line == (
         "backend: npu | device npu:3 | world size 8 | dist hccl | precision fp16 (apex amp O2) | "
-        "loss scale static 1.28e+07 | optimizer apex NpuFusedAdamW + combined grads"
+        "loss scale static 12800000 | optimizer apex NpuFusedAdamW + combined grads"
     )
     cuda = backend.describe(make_plan("cuda", **RECIPE))
     assert (
-        "precision fp16 (torch.autocast) | loss scale dynamic from 1.28e+07 | optimizer adamw_torch_fused"
+        "precision fp16 (torch.autocast) | loss scale dynamic from 12800000 | optimizer adamw_torch_fused"
         in cuda
     )
     assert "loss scale none" in backend.describe(make_plan("cpu", fp16=False, bf16=True))
