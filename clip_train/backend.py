@@ -166,7 +166,7 @@ def _apex_fp16(plan: Plan, opt_level: str, scale: float | str, combine_grad: boo
         plan.notes.append(f"apex {opt_level}: model weights cast to fp16, {kept}")
     if isinstance(scale, float):
         plan.notes.append(
-            f"apex static loss scale {scale:.10g} (never adjusted; relies on Ascend fp16 saturation)"
+            f"apex static loss scale {scale:.10g} (never adjusted; a step that overflows is not skipped)"
         )
     if plan.optimizer == RECIPE_APEX_OPTIM:
         plan.optimizer = APEX_OPTIMIZER
