@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from clip_train import backend, data, loading, outputs
-from clip_train.args import ArgumentError, parse_args
+from clip_train.args import ArgumentError, parse_args, plan_backend
 from clip_train.coco import DataError
 from clip_train.loss import LogitScaleClamp
 from clip_train.report import save_plots
@@ -34,7 +34,8 @@ logger = logging.getLogger("run_clip")
 def main(argv: list[str] | None = None) -> dict:
     # 1. Arguments ---------------------------------------------------------------------------------------------
     model_args, data_args, training_args, recipe_args = parse_args(argv)
-    plan = backend.configure(training_args, recipe_args)
+    plan, training_args = plan_backend(training_args, recipe_args)
+    backend.set_npu_options(plan.family)
 
     # 2. Logging -----------------------------------------------------------------------------------------------
     logging.basicConfig(
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     logger.info(backend.describe(plan))
+    for note in plan.notes:
+        logger.warning(note)
     logger.info("world_size=%d rank=%d", training_args.world_size, training_args.process_index)
 
     resume_from = outputs.prepare_output_dir(training_args, recipe_args)
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         loss_scope=recipe_args.loss_scope,
         retrieval=recipe_args.retrieval_eval,
         pad_id=tokenizer.pad_token_id,
+        backend_plan=plan,
         callbacks=[LogitScaleClamp(recipe_args.max_logit_scale)] if recipe_args.max_logit_scale else None,
     )
     results: dict = dict(skipped)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.training_args import OptimizerNames
+
+from . import backend
 
 
 @dataclass
@@ -157,6 +160,8 @@ def parse_args(argv: list[str] | None = None) -> tuple:
     """(model_args, data_args, training_args, recipe_args) from argv (or a single .json file of them)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(ARG_CLASSES)
+    # On CPU hosts transformers 5 needs use_cpu for --bf16 and for torchrun to set up gloo DDP.
+    parser.set_defaults(**backend.parser_defaults(backend.detect_family()))
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(json_file=argv[0])
     argv, asked = _take_recipe_optim(argv)
@@ -177,3 +182,25 @@ def parse_args(argv: list[str] | None = None) -> tuple:
             "--max_steps 0 trains nothing: give a positive number, or -1 to use --num_train_epochs"
         )
     return model_args, data_args, training_args, recipe_args
+
+
+def plan_backend(training_args: TrainingArguments, recipe_args: RecipeArguments) -> tuple:
+    """The device/precision plan for these flags on this host, and TrainingArguments that carry it out."""
+    try:
+        plan = backend.make_plan(
+            backend.detect_family(),
+            fp16=training_args.fp16,
+            bf16=training_args.bf16,
+            fp16_opt_level=recipe_args.fp16_opt_level,
+            loss_scale=recipe_args.loss_scale,
+            optim=recipe_args.requested_optim,
+            use_combine_grad=recipe_args.use_combine_grad,
+            apex_available=backend.ascend_apex_available(),
+            # From torchrun's environment: asking training_args would set up the process group before the plan.
+            world_size=int(os.environ.get("WORLD_SIZE", 1)),
+            local_rank=int(os.environ.get("LOCAL_RANK", -1)),
+            device_id=recipe_args.device_id,
+        )
+    except ValueError as e:
+        raise ArgumentError(str(e)) from e
+    return plan, backend.apply_plan(training_args, plan)

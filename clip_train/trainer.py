@@ -8,16 +8,10 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .apex_amp import BackendTrainerMixin
+from .backend import synchronize
 from .evaluation import retrieval_eval
 from .loss import clip_loss
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work, so that wall-clock timings mean what they say."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "npu":
-        torch.npu.synchronize(device)  # type: ignore[attr-defined]
 
 
 def normalize_pixels(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -26,7 +20,7 @@ def normalize_pixels(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
     return (x - mean * 255.0) / (std * 255.0)
 
 
-class ClipTrainer(Trainer):
+class ClipTrainer(BackendTrainerMixin, Trainer):
     """Adds to the Trainer: device-side image normalisation, our loss, and the recipe's FPS definition."""
 
     def __init__(
@@ -73,7 +67,8 @@ class ClipTrainer(Trainer):
         scale = self.accelerator.unwrap_model(model).logit_scale
         # Evaluation keeps the in-batch loss, so eval_loss stays comparable with the recipe's at any world size.
         scope = self.loss_scope if model.training else "local"
-        loss = clip_loss(out.image_embeds, out.text_embeds, scale, scope=scope)
+        # Item access: under apex O2 the model's outputs come back as a plain dict.
+        loss = clip_loss(out["image_embeds"], out["text_embeds"], scale, scope=scope)
         return (loss, out) if return_outputs else loss
 
     def prediction_step(
