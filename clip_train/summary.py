@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results_dir", type=Path, required=True, help="the run's output_dir")
     parser.add_argument("--summary_file", type=Path, required=True)
     parser.add_argument("--network", default="clip")
-    parser.add_argument("--rank_size", type=int, required=True, help="world size: nnodes x processes per node")
+    parser.add_argument(
+        "--rank_size", type=int, required=True, help="world size: nnodes x processes per node"
+    )
     parser.add_argument("--batch_size", type=int, required=True, help="per device")
     parser.add_argument("--device_type", required=True, help="uname -m")
     parser.add_argument("--case_name", required=True)

@@ -1,12 +1,12 @@
 # Ascend (CANN) runtime environment for the CLIP launchers; sourced by test/launch.sh before it looks for devices,
 # because torch_npu cannot load until the CANN libraries are on the library path.
 # Where CANN is absent it changes nothing and prints nothing, so the launchers can source it on any host.
-# Variables already set by the user are kept.
+# Variables already set by the user are kept. CANN_ROOT (default /usr/local/Ascend) is where CANN is installed.
 
+_clip_root=${CANN_ROOT:-/usr/local/Ascend}
 _clip_cann_env=""
 if [ -z "${ASCEND_TOOLKIT_HOME:-}" ]; then # set_env.sh sets ASCEND_TOOLKIT_HOME: unset means not yet sourced
-  for _clip_f in /usr/local/Ascend/ascend-toolkit/set_env.sh /usr/local/Ascend/cann/set_env.sh \
-    /usr/local/Ascend/nnae/set_env.sh "${HOME:-/nonexistent}/Ascend/ascend-toolkit/set_env.sh"; do
+  for _clip_f in "$_clip_root/ascend-toolkit/set_env.sh" "$_clip_root/cann/set_env.sh" "$_clip_root/nnae/set_env.sh"; do
     if [ -f "$_clip_f" ]; then
       _clip_cann_env=$_clip_f
       break
@@ -21,7 +21,7 @@ fi
 
 if [ -n "${ASCEND_TOOLKIT_HOME:-}" ]; then
   # The driver's libraries are not always on the toolkit's path.
-  for _clip_f in /usr/local/Ascend/driver/lib64/common /usr/local/Ascend/driver/lib64/driver; do
+  for _clip_f in "$_clip_root/driver/lib64/common" "$_clip_root/driver/lib64/driver"; do
     case ":${LD_LIBRARY_PATH:-}:" in
       *":$_clip_f:"*) ;;
       *) [ -d "$_clip_f" ] && export LD_LIBRARY_PATH="$_clip_f${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
@@ -34,4 +34,4 @@ if [ -n "${ASCEND_TOOLKIT_HOME:-}" ]; then
   export COMBINED_ENABLE=${COMBINED_ENABLE:-1}     # fuse non-contiguous copies
 fi
 
-unset _clip_cann_env _clip_f
+unset _clip_root _clip_cann_env _clip_f

@@ -1,0 +1,382 @@
+"""The launchers in test/ as a user runs them: real bash, real torch.distributed.run, real gloo processes.
+
+Argument handling is checked through --dry_run (the exact command the launcher would run); training runs use the
+embedded demo (CLIP_DEMO_ROOT, built once per session) with a handful of steps. The only stand-in is a fake
+torch_npu package, because no NPU can exist on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clip_train import summary
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_DIR = REPO / "test"
+SCRIPTS = ["full_1p", "performance_1p", "full_8p", "performance_8p", "cluster"]
+CLUSTER_FLAGS = ["--nnodes=2", "--node_rank=0", "--master_addr=127.0.0.1"]
+TIMEOUT = 600
+
+
+def _env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HCCL_", "ASCEND_"))}
+    env.update(PYTHON=sys.executable, OUTPUT_ROOT=str(tmp / "out"), CANN_ROOT=str(tmp / "no-cann"))
+    env.update(extra)
+    return env
+
+
+def launch(script: str, *args: str, env: dict[str, str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(TEST_DIR / f"train_clip_{script}.sh"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        **kw,
+    )
+
+
+def read_summary(path: Path) -> dict[str, str]:
+    lines = path.read_text().splitlines()
+    assert all(" = " in line for line in lines), lines
+    return dict(line.split(" = ", 1) for line in lines)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    """Stand-in data and model folders for dry runs (they only need to exist)."""
+    (tmp_path / "coco").mkdir()
+    (tmp_path / "clip-roberta").mkdir()
+    return tmp_path / "coco", tmp_path / "clip-roberta"
+
+
+def dry_run(script: str, dirs: tuple[Path, Path], *args: str, env: dict[str, str]) -> tuple[dict, list[str]]:
+    """The launcher's report (key=value lines) and the command it would run, as argv."""
+    data, model = dirs
+    proc = launch(script, f"--data_path={data}", f"--model_path={model}", "--dry_run", *args, env=env)
+    assert proc.returncode == 0, proc.stderr
+    info, command = {}, []
+    for line in proc.stdout.splitlines():
+        if line.startswith("command:"):
+            command = shlex.split(line[len("command:") :])
+        elif line.startswith("env: "):
+            key, value = line[5:].split("=", 1)
+            info[key] = value
+        else:
+            info.update(dict(item.split("=", 1) for item in line.split()))
+    return info, command
+
+
+def flag_values(command: list[str], name: str) -> list[list[str]]:
+    """Every occurrence of --name in the run_clip.py part of the command, with the values after it."""
+    args = command[command.index(next(c for c in command if c.endswith("run_clip.py"))) + 1 :]
+    found = []
+    for i, token in enumerate(args):
+        if token == f"--{name}":
+            values = []
+            for value in args[i + 1 :]:
+                if value.startswith("--"):
+                    break
+                values.append(value)
+            found.append(values)
+    return found
+
+
+# ---- argument handling -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_missing_paths_print_usage_and_exit_1(script: str, tmp_path: Path) -> None:
+    extra = CLUSTER_FLAGS if script == "cluster" else []
+    proc = launch(script, *extra, env=_env(tmp_path))
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert "--data_path is required" in proc.stderr
+    assert f"usage: bash test/train_clip_{script}.sh --data_path=" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch_size=big"], "--batch_size must be a positive integer"),
+        (["--nproc_per_node=0"], "--nproc_per_node must be a positive integer or 'auto'"),
+        (["--nnodes=2", "--node_rank=2"], "--node_rank must be 0..1"),
+        (["stray"], "unexpected argument 'stray'"),
+        (["--demo=yes"], "--demo takes no value"),
+        (["--data_path", "a", "b"], "--data_path needs one value"),
+    ],
+)
+def test_bad_flags_name_the_fix(args: list[str], message: str, tmp_path: Path) -> None:
+    proc = launch("full_1p", "--model_path=m", *args, env=_env(tmp_path))
+    assert proc.returncode == 1
+    assert message in proc.stderr
+
+
+def test_cluster_needs_its_node_flags(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    data, model = dirs
+    proc = launch("cluster", f"--data_path={data}", f"--model_path={model}", "--nnodes=2", env=_env(tmp_path))
+    assert proc.returncode == 1
+    assert "train_clip_cluster.sh needs --node_rank" in proc.stderr
+
+
+def test_missing_folders_are_named(tmp_path: Path) -> None:
+    proc = launch("full_1p", f"--data_path={tmp_path}/nope", f"--model_path={tmp_path}", env=_env(tmp_path))
+    assert proc.returncode == 1
+    assert f"--data_path={tmp_path}/nope is not a directory" in proc.stderr
+
+
+def test_help_goes_to_stdout(tmp_path: Path) -> None:
+    proc = launch("performance_8p", "--help", env=_env(tmp_path))
+    assert proc.returncode == 0
+    assert "--nproc_per_node=8" in proc.stdout and "--train_epochs=1" in proc.stdout
+
+
+def test_full_1p_runs_the_recipe_command(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    info, command = dry_run("full_1p", dirs, env=_env(tmp_path, ASCEND_DEVICE_ID="5"))
+    data, model = dirs
+    assert info["family"] == "cpu" and info["world_size"] == "1"
+    assert not [key for key in info if key.startswith("HCCL_")]  # HCCL settings belong to Ascend hosts only
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    launcher = dict(zip(command[3:13:2], command[4:14:2], strict=True))
+    assert (
+        launcher["--nproc_per_node"] == "1" and launcher["--nnodes"] == "1" and launcher["--node_rank"] == "0"
+    )
+    expected = {
+        "output_dir": [str(tmp_path / "out/5/ckpt")],
+        "num_train_epochs": ["3"],
+        "model_name_or_path": [str(model)],
+        "data_dir": [str(data)],
+        "dataset_name": ["ydshieh/coco_dataset_script"],
+        "dataset_config_name": ["2017"],
+        "remove_unused_columns": ["False"],
+        "do_train": [],
+        "do_eval": [],
+        "fp16": [],
+        "fp16_opt_level": ["O2"],
+        "loss_scale": ["12800000"],
+        "optim": ["adamw_apex_fused_npu"],
+        "use_combine_grad": [],
+        "per_device_train_batch_size": ["64"],
+        "per_device_eval_batch_size": ["64"],
+        "learning_rate": ["5e-5"],
+        "weight_decay": ["0.1"],
+        "skip_steps": ["10"],
+        "save_steps": ["150000"],
+    }
+    for name, values in expected.items():
+        assert flag_values(command, name) == [values], name
+    workers = int(flag_values(command, "dataloader_num_workers")[0][0])
+    assert 1 <= workers <= min(8, os.cpu_count() or 1)
+    for absent in ("overwrite_output_dir", "max_steps", "ddp_bucket_cap_mb", "device_id"):
+        assert flag_values(command, absent) == [], absent  # resume by default; CPU has no device to pick
+    assert info["log"] == str(tmp_path / "out/5/train_5.log")
+    assert info["summary"] == str(tmp_path / "out/5/clip_bs64_1p_acc.log")
+
+
+def test_user_flags_win_over_the_defaults(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    info, command = dry_run(
+        "performance_8p",
+        dirs,
+        "--nproc_per_node=auto",
+        f"--output_dir={tmp_path}/mine",
+        "--save_steps=5",
+        "--learning_rate",
+        "1e-4",
+        "--fp16=False",
+        "--overwrite_output_dir",
+        "--report_to",
+        "tensorboard",
+        "none",
+        "--batch_size=16",
+        "--model_name=clipx",
+        "--max_steps=7",
+        env=_env(tmp_path),
+    )
+    assert info["world_size"] == "1"  # auto on a CPU host: one process
+    assert flag_values(command, "output_dir") == [[f"{tmp_path}/mine"]]
+    assert flag_values(command, "save_steps") == [["5"]]
+    assert flag_values(command, "learning_rate") == [["1e-4"]]
+    assert flag_values(command, "fp16") == [["False"]]
+    assert flag_values(command, "max_steps") == [["7"]]
+    assert flag_values(command, "num_train_epochs") == [["1"]]
+    assert flag_values(command, "ddp_bucket_cap_mb") == [["150"]]
+    assert flag_values(command, "overwrite_output_dir") == [[]]
+    assert flag_values(command, "report_to") == [["tensorboard", "none"]]
+    assert flag_values(command, "per_device_eval_batch_size") == [["16"]]
+    assert info["summary"].endswith("/0/clipx_bs16_1p_perf.log")
+
+
+def test_multi_card_profiles_use_the_8p_recipe(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    port = str(free_port())
+    info, command = dry_run("cluster", dirs, *CLUSTER_FLAGS, f"--master_port={port}", env=_env(tmp_path))
+    assert info["world_size"] == "16"  # 2 nodes x the default 8 processes (gloo allows any count)
+    assert command[3:13] == [
+        "--nproc_per_node", "8", "--nnodes", "2", "--node_rank", "0",
+        "--master_addr", "127.0.0.1", "--master_port", port,
+    ]  # fmt: skip
+    assert flag_values(command, "save_steps") == [["15000"]]
+    assert flag_values(command, "ddp_bucket_cap_mb") == [["150"]]
+    assert flag_values(command, "max_steps") == []
+
+
+def _fake_npu(tmp_path: Path) -> Path:
+    """A stand-in torch_npu (no NPU can exist here): importing it registers torch.npu with 8 devices."""
+    package = tmp_path / "fake_npu" / "torch_npu"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        "import types\nimport torch\ntorch.npu = types.SimpleNamespace(device_count=lambda: 8)\n"
+    )
+    return package.parent
+
+
+def test_ascend_host_gets_hccl_settings_and_the_device_id(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    env = _env(tmp_path, PYTHONPATH=str(_fake_npu(tmp_path)), ASCEND_DEVICE_ID="3")
+    info, command = dry_run("full_1p", dirs, env=env)
+    assert info["family"] == "npu" and info["devices"] == "8"
+    assert info["HCCL_WHITELIST_DISABLE"] == "1" and "HCCL_IF_IP" not in info
+    assert flag_values(command, "device_id") == [["3"]]
+
+    info, command = dry_run("cluster", dirs, *CLUSTER_FLAGS, "--nproc_per_node=auto", env=env)
+    assert info["world_size"] == "16"
+    assert re.fullmatch(r"\d+\.\d+\.\d+\.\d+", info["HCCL_IF_IP"])
+    assert flag_values(command, "device_id") == []
+
+    data, model = dirs
+    proc = launch("full_8p", f"--data_path={data}", f"--model_path={model}", "--nproc_per_node=9", env=env)
+    assert proc.returncode == 1 and "this node has 8 NPU device(s)" in proc.stderr
+
+
+def test_env_npu_is_silent_and_harmless_without_cann(tmp_path: Path) -> None:
+    script = f"set -u; env -0 > {tmp_path}/before; source {TEST_DIR}/env_npu.sh; env -0 > {tmp_path}/after"
+    proc = subprocess.run(["bash", "-c", script], env=_env(tmp_path), capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
+    assert (tmp_path / "before").read_bytes() == (tmp_path / "after").read_bytes()
+
+
+def test_env_npu_sources_cann_quietly(tmp_path: Path) -> None:
+    toolkit = tmp_path / "cann" / "ascend-toolkit"
+    toolkit.mkdir(parents=True)
+    (toolkit / "set_env.sh").write_text(f"echo noisy; export ASCEND_TOOLKIT_HOME={toolkit}\n")
+    (tmp_path / "cann/driver/lib64/driver").mkdir(parents=True)
+    script = (
+        f"set -u; source {TEST_DIR}/env_npu.sh; echo $ASCEND_TOOLKIT_HOME $TASK_QUEUE_ENABLE $LD_LIBRARY_PATH"
+    )
+    env = _env(tmp_path, CANN_ROOT=str(tmp_path / "cann"), LD_LIBRARY_PATH="/x")
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.split() == [str(toolkit), "1", f"{tmp_path}/cann/driver/lib64/driver:/x"]
+
+
+# ---- the summary helper ----------------------------------------------------------------------------------------
+
+
+def _results_dir(tmp_path: Path, results: dict, log_history: list[dict] | None = None) -> Path:
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "all_results.json").write_text(json.dumps(results))
+    if log_history is not None:
+        (out / "trainer_state.json").write_text(json.dumps({"log_history": log_history}))
+    return out
+
+
+def _summarise(out: Path, tmp_path: Path, *extra: str) -> tuple[int, Path]:
+    target = tmp_path / "clip_bs32_2p_acc.log"
+    argv = [
+        "--results_dir",
+        str(out),
+        "--summary_file",
+        str(target),
+        "--rank_size",
+        "2",
+        "--batch_size",
+        "32",
+    ]
+    argv += ["--device_type", "x86_64", "--case_name", "clip_bs32_2p_acc", "--e2e_seconds", "41", *extra]
+    return summary.main(argv), target
+
+
+def test_summary_lines_follow_the_recipe(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    results = {
+        "train_samples_per_second": 640.0,
+        "train_samples_per_second_per_device": 320.0,
+        "train_loss": 2.5,
+        "eval_loss": 1.875,
+        "eval_image_to_text_R@1": 0.25,
+        "eval_text_to_image_R@1": 0.125,
+    }
+    history = [
+        {"loss": 3.0, "step": 5},
+        {"eval_loss": 1.9, "step": 5},
+        {"loss": 2.0, "step": 10},
+        {"step": 10},
+    ]
+    code, target = _summarise(_results_dir(tmp_path, results, history), tmp_path)
+    assert code == 0
+    assert read_summary(target) == {
+        "Network": "clip",
+        "RankSize": "2",
+        "BatchSize": "32",
+        "DeviceType": "x86_64",
+        "CaseName": "clip_bs32_2p_acc",
+        "ActualFPS": "640.0",
+        "ActualFPSPerDevice": "320.0",
+        "TrainingTime": "50.0",  # 32 * 1000 / 640, the recipe's formula
+        "ActualLoss": "2.0",  # the last logged loss, not the run's mean
+        "E2ETrainingTime": "41",
+        "TrainAccuracy": "1.875",
+        "eval_image_to_text_R@1": "0.25",
+        "eval_text_to_image_R@1": "0.125",
+    }
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "Final Performance images/sec : 640.0",
+        "Final Train Loss : 2.0",
+    ]
+
+
+def test_summary_falls_back_to_the_mean_train_loss(tmp_path: Path) -> None:
+    out = _results_dir(tmp_path, {"train_samples_per_second": 100, "train_loss": 2.5})
+    code, target = _summarise(out, tmp_path)
+    fields = read_summary(target)
+    assert code == 0
+    assert fields["ActualLoss"] == "2.5" and fields["ActualFPSPerDevice"] == "50.0"
+    assert fields["TrainAccuracy"] == "NA" and "eval_image_to_text_R@1" not in fields
+
+
+@pytest.mark.parametrize(
+    ("results", "started_at", "message"),
+    [
+        (None, None, "all_results.json not found"),
+        ({"train_loss": 1.0}, None, "no usable train_samples_per_second"),
+        ({"train_samples_per_second": 0.0}, None, "no usable train_samples_per_second"),
+        ({"train_samples_per_second": 9.0}, time.time() + 60, "predates this run"),
+    ],
+)
+def test_summary_refuses_missing_or_stale_results(
+    results: dict | None,
+    started_at: float | None,
+    message: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    out = _results_dir(tmp_path, results) if results is not None else tmp_path / "ckpt"
+    extra = ["--started_at", str(started_at)] if started_at else []
+    code, target = _summarise(out, tmp_path, *extra)
+    assert code == 1 and not target.exists()
+    assert message in capsys.readouterr().err
