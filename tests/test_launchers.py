@@ -380,3 +380,98 @@ def test_summary_refuses_missing_or_stale_results(
     code, target = _summarise(out, tmp_path, *extra)
     assert code == 1 and not target.exists()
     assert message in capsys.readouterr().err
+
+
+def test_failed_training_exits_nonzero_and_leaves_no_summary(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    data, model = dirs
+    stale = tmp_path / "out/0/clip_bs64_1p_acc.log"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("ActualFPS = 999\n")
+    proc = launch(
+        "full_1p", f"--data_path={data}", f"--model_path={model}", "--learning_rate=fast", env=_env(tmp_path)
+    )
+    assert proc.returncode != 0
+    assert not stale.exists()
+    log = (tmp_path / "out/0/train_0.log").read_text()
+    assert "[Error] training exited with status" in log and "Final Performance" not in log
+
+
+# ---- real training runs on the embedded demo -------------------------------------------------------------------
+
+# A few steps of the tiny demo: enough for throughput, an eval and a logged loss.
+TRAIN_FLAGS = ["--demo", "--max_steps=4", "--skip_steps=1", "--logging_steps=1", "--batch_size=8"]
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One demo build shared by every training test of the session, made before any launcher asks for it so that
+    the two nodes of the cluster test do not race to build it."""
+    root = str(tmp_path_factory.mktemp("clip-demo"))
+    env = {**os.environ, "CLIP_DEMO_ROOT": root, "PYTHONPATH": str(REPO)}
+    subprocess.run(
+        [sys.executable, "-m", "clip_train.demo", "--print-paths"], env=env, check=True, timeout=TIMEOUT
+    )
+    return root
+
+
+def _check_summary(out: Path, device_id: str, case: str, console: str) -> dict[str, str]:
+    fields = read_summary(out / device_id / f"{case}.log")
+    results = json.loads((out / device_id / "ckpt" / "all_results.json").read_text())
+    assert fields["CaseName"] == case and fields["DeviceType"] == os.uname().machine
+    assert float(fields["ActualFPS"]) == results["train_samples_per_second"] > 0
+    assert fields["TrainAccuracy"] == str(results["eval_loss"])
+    assert float(fields["TrainingTime"]) == pytest.approx(8 * 1000 / float(fields["ActualFPS"]), rel=1e-3)
+    assert float(fields["ActualLoss"]) > 0 and int(fields["E2ETrainingTime"]) > 0
+    tail = [
+        f"Final Performance images/sec : {fields['ActualFPS']}",
+        f"Final Train Loss : {fields['ActualLoss']}",
+    ]
+    assert console.splitlines()[-2:] == tail
+    assert (out / device_id / f"train_{device_id}.log").read_text().splitlines()[-2:] == tail
+    return fields
+
+
+def test_performance_1p_demo_run_writes_the_summary(demo_root: str, tmp_path: Path) -> None:
+    proc = launch("performance_1p", *TRAIN_FLAGS, env=_env(tmp_path, CLIP_DEMO_ROOT=demo_root))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    fields = _check_summary(tmp_path / "out", "0", "clip_bs8_1p_perf", proc.stdout)
+    assert fields["RankSize"] == "1" and fields["BatchSize"] == "8"
+    state = json.loads((tmp_path / "out/0/ckpt/trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert float(fields["ActualLoss"]) == [e["loss"] for e in state["log_history"] if "loss" in e][-1]
+
+
+def test_full_8p_with_two_processes_is_one_ddp_run(demo_root: str, tmp_path: Path) -> None:
+    env = _env(tmp_path, CLIP_DEMO_ROOT=demo_root)
+    proc = launch("full_8p", *TRAIN_FLAGS, "--nproc_per_node=2", env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    fields = _check_summary(tmp_path / "out", "0", "clip_bs8_2p_acc", proc.stdout)
+    assert fields["RankSize"] == "2"
+    assert "world_size=2" in (tmp_path / "out/0/train_0.log").read_text()
+
+
+def test_cluster_two_nodes_make_one_training(demo_root: str, tmp_path: Path) -> None:
+    port = str(free_port())
+    nodes = []
+    for rank in (0, 1):
+        env = _env(tmp_path, CLIP_DEMO_ROOT=demo_root, ASCEND_DEVICE_ID=str(rank))
+        flags = ["--nnodes=2", f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+        command = [
+            "bash",
+            str(TEST_DIR / "train_clip_cluster.sh"),
+            *TRAIN_FLAGS,
+            *flags,
+            "--nproc_per_node=1",
+        ]
+        nodes.append(
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    outputs = [node.communicate(timeout=TIMEOUT)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    out = tmp_path / "out"
+    fields = _check_summary(out, "0", "clip_bs8_2p_acc", outputs[0])
+    assert fields["RankSize"] == "2"
+    for rank in (0, 1):
+        assert "world_size=2" in (out / str(rank) / f"train_{rank}.log").read_text()
+    assert not list((out / "1").glob("clip_*.log"))  # the summary is node 0's alone
+    assert "Final Performance" not in outputs[1]
