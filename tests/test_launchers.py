@@ -14,12 +14,9 @@ import shlex
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-
-from clip_train import summary
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DIR = REPO / "test"
@@ -83,19 +80,30 @@ def dry_run(script: str, dirs: tuple[Path, Path], *args: str, env: dict[str, str
     return info, command
 
 
-def flag_values(command: list[str], name: str) -> list[list[str]]:
-    """Every occurrence of --name in the run_clip.py part of the command, with the values after it."""
-    args = command[command.index(next(c for c in command if c.endswith("run_clip.py"))) + 1 :]
-    found = []
-    for i, token in enumerate(args):
-        if token == f"--{name}":
-            values = []
-            for value in args[i + 1 :]:
-                if value.startswith("--"):
-                    break
-                values.append(value)
-            found.append(values)
-    return found
+def run_clip_flags(command: list[str]) -> dict[str, list[str]]:
+    """The run_clip.py part of a launch command as {flag: values}; each flag must occur once (user flags replace
+    the launcher's defaults in place rather than relying on "last one wins")."""
+    args = command[next(i for i, c in enumerate(command) if c.endswith("run_clip.py")) + 1 :]
+    flags: dict[str, list[str]] = {}
+    for token in args:
+        if token.startswith("--"):
+            assert token[2:] not in flags, f"{token} given twice"
+            flags[name := token[2:]] = []
+        else:
+            flags[name].append(token)
+    return flags
+
+
+# The recipe's run_clip.py flags (its 1p script, less --overwrite_output_dir: the launchers resume by default).
+RECIPE = run_clip_flags(
+    shlex.split(
+        "run_clip.py --num_train_epochs 3 --dataset_name ydshieh/coco_dataset_script --dataset_config_name=2017 "
+        "--image_column image_path --caption_column caption --remove_unused_columns=False --do_train --do_eval "
+        "--fp16 --dataloader_drop_last --fp16_opt_level O2 --loss_scale 12800000 --optim adamw_apex_fused_npu "
+        "--use_combine_grad --per_device_train_batch_size=64 --per_device_eval_batch_size=64 --learning_rate=5e-5 "
+        "--warmup_steps=0 --weight_decay 0.1 --skip_steps 10 --save_steps 150000".replace("=", " ")
+    )
+)
 
 
 # ---- argument handling -----------------------------------------------------------------------------------------
@@ -153,73 +161,44 @@ def test_full_1p_runs_the_recipe_command(dirs: tuple[Path, Path], tmp_path: Path
     data, model = dirs
     assert info["family"] == "cpu" and info["world_size"] == "1"
     assert not [key for key in info if key.startswith("HCCL_")]  # HCCL settings belong to Ascend hosts only
-    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    launcher = dict(zip(command[3:13:2], command[4:14:2], strict=True))
-    assert (
-        launcher["--nproc_per_node"] == "1" and launcher["--nnodes"] == "1" and launcher["--node_rank"] == "0"
-    )
-    expected = {
+    assert command[:13] == [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--nnodes", "1",
+        "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", command[12],
+    ]  # fmt: skip
+    flags = run_clip_flags(command)
+    workers = flags.pop("dataloader_num_workers")
+    assert 1 <= int(workers[0]) <= min(8, os.cpu_count() or 1)
+    paths = {
         "output_dir": [str(tmp_path / "out/5/ckpt")],
-        "num_train_epochs": ["3"],
         "model_name_or_path": [str(model)],
         "data_dir": [str(data)],
-        "dataset_name": ["ydshieh/coco_dataset_script"],
-        "dataset_config_name": ["2017"],
-        "remove_unused_columns": ["False"],
-        "do_train": [],
-        "do_eval": [],
-        "fp16": [],
-        "fp16_opt_level": ["O2"],
-        "loss_scale": ["12800000"],
-        "optim": ["adamw_apex_fused_npu"],
-        "use_combine_grad": [],
-        "per_device_train_batch_size": ["64"],
-        "per_device_eval_batch_size": ["64"],
-        "learning_rate": ["5e-5"],
-        "weight_decay": ["0.1"],
-        "skip_steps": ["10"],
-        "save_steps": ["150000"],
     }
-    for name, values in expected.items():
-        assert flag_values(command, name) == [values], name
-    workers = int(flag_values(command, "dataloader_num_workers")[0][0])
-    assert 1 <= workers <= min(8, os.cpu_count() or 1)
-    for absent in ("overwrite_output_dir", "max_steps", "ddp_bucket_cap_mb", "device_id"):
-        assert flag_values(command, absent) == [], absent  # resume by default; CPU has no device to pick
+    # Exactly the recipe: no --overwrite_output_dir, --max_steps, --ddp_bucket_cap_mb, nor --device_id (CPU).
+    assert flags == {**RECIPE, **paths}
     assert info["log"] == str(tmp_path / "out/5/train_5.log")
     assert info["summary"] == str(tmp_path / "out/5/clip_bs64_1p_acc.log")
 
 
 def test_user_flags_win_over_the_defaults(dirs: tuple[Path, Path], tmp_path: Path) -> None:
-    info, command = dry_run(
-        "performance_8p",
-        dirs,
-        "--nproc_per_node=auto",
-        f"--output_dir={tmp_path}/mine",
-        "--save_steps=5",
-        "--learning_rate",
-        "1e-4",
-        "--fp16=False",
-        "--overwrite_output_dir",
-        "--report_to",
-        "tensorboard",
-        "none",
-        "--batch_size=16",
-        "--model_name=clipx",
-        "--max_steps=7",
-        env=_env(tmp_path),
+    user = f"--output_dir={tmp_path}/mine --save_steps=5 --learning_rate 1e-4 --fp16=False --overwrite_output_dir "
+    user += (
+        "--report_to tensorboard none --batch_size=16 --model_name=clipx --max_steps=7 --nproc_per_node=auto"
     )
+    info, command = dry_run("performance_8p", dirs, *shlex.split(user), env=_env(tmp_path))
     assert info["world_size"] == "1"  # auto on a CPU host: one process
-    assert flag_values(command, "output_dir") == [[f"{tmp_path}/mine"]]
-    assert flag_values(command, "save_steps") == [["5"]]
-    assert flag_values(command, "learning_rate") == [["1e-4"]]
-    assert flag_values(command, "fp16") == [["False"]]
-    assert flag_values(command, "max_steps") == [["7"]]
-    assert flag_values(command, "num_train_epochs") == [["1"]]
-    assert flag_values(command, "ddp_bucket_cap_mb") == [["150"]]
-    assert flag_values(command, "overwrite_output_dir") == [[]]
-    assert flag_values(command, "report_to") == [["tensorboard", "none"]]
-    assert flag_values(command, "per_device_eval_batch_size") == [["16"]]
+    flags = run_clip_flags(command)
+    assert flags["output_dir"] == [f"{tmp_path}/mine"] and flags["save_steps"] == ["5"]
+    assert (
+        flags["learning_rate"] == ["1e-4"]
+        and flags["fp16"] == ["False"]
+        and flags["overwrite_output_dir"] == []
+    )
+    assert flags["report_to"] == ["tensorboard", "none"] and flags["per_device_eval_batch_size"] == ["16"]
+    assert (
+        flags["max_steps"] == ["7"]
+        and flags["num_train_epochs"] == ["1"]
+        and flags["ddp_bucket_cap_mb"] == ["150"]
+    )
     assert info["summary"].endswith("/0/clipx_bs16_1p_perf.log")
 
 
@@ -231,9 +210,12 @@ def test_multi_card_profiles_use_the_8p_recipe(dirs: tuple[Path, Path], tmp_path
         "--nproc_per_node", "8", "--nnodes", "2", "--node_rank", "0",
         "--master_addr", "127.0.0.1", "--master_port", port,
     ]  # fmt: skip
-    assert flag_values(command, "save_steps") == [["15000"]]
-    assert flag_values(command, "ddp_bucket_cap_mb") == [["150"]]
-    assert flag_values(command, "max_steps") == []
+    flags = run_clip_flags(command)
+    assert (
+        flags["save_steps"] == ["15000"]
+        and flags["ddp_bucket_cap_mb"] == ["150"]
+        and "max_steps" not in flags
+    )
 
 
 def _fake_npu(tmp_path: Path) -> Path:
@@ -251,12 +233,12 @@ def test_ascend_host_gets_hccl_settings_and_the_device_id(dirs: tuple[Path, Path
     info, command = dry_run("full_1p", dirs, env=env)
     assert info["family"] == "npu" and info["devices"] == "8"
     assert info["HCCL_WHITELIST_DISABLE"] == "1" and "HCCL_IF_IP" not in info
-    assert flag_values(command, "device_id") == [["3"]]
+    assert run_clip_flags(command)["device_id"] == ["3"]
 
     info, command = dry_run("cluster", dirs, *CLUSTER_FLAGS, "--nproc_per_node=auto", env=env)
     assert info["world_size"] == "16"
     assert re.fullmatch(r"\d+\.\d+\.\d+\.\d+", info["HCCL_IF_IP"])
-    assert flag_values(command, "device_id") == []
+    assert "device_id" not in run_clip_flags(command)
 
     data, model = dirs
     proc = launch("full_8p", f"--data_path={data}", f"--model_path={model}", "--nproc_per_node=9", env=env)
@@ -282,104 +264,6 @@ def test_env_npu_sources_cann_quietly(tmp_path: Path) -> None:
     proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stderr == ""
     assert proc.stdout.split() == [str(toolkit), "1", f"{tmp_path}/cann/driver/lib64/driver:/x"]
-
-
-# ---- the summary helper ----------------------------------------------------------------------------------------
-
-
-def _results_dir(tmp_path: Path, results: dict, log_history: list[dict] | None = None) -> Path:
-    out = tmp_path / "ckpt"
-    out.mkdir()
-    (out / "all_results.json").write_text(json.dumps(results))
-    if log_history is not None:
-        (out / "trainer_state.json").write_text(json.dumps({"log_history": log_history}))
-    return out
-
-
-def _summarise(out: Path, tmp_path: Path, *extra: str) -> tuple[int, Path]:
-    target = tmp_path / "clip_bs32_2p_acc.log"
-    argv = [
-        "--results_dir",
-        str(out),
-        "--summary_file",
-        str(target),
-        "--rank_size",
-        "2",
-        "--batch_size",
-        "32",
-    ]
-    argv += ["--device_type", "x86_64", "--case_name", "clip_bs32_2p_acc", "--e2e_seconds", "41", *extra]
-    return summary.main(argv), target
-
-
-def test_summary_lines_follow_the_recipe(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    results = {
-        "train_samples_per_second": 640.0,
-        "train_samples_per_second_per_device": 320.0,
-        "train_loss": 2.5,
-        "eval_loss": 1.875,
-        "eval_image_to_text_R@1": 0.25,
-        "eval_text_to_image_R@1": 0.125,
-    }
-    history = [
-        {"loss": 3.0, "step": 5},
-        {"eval_loss": 1.9, "step": 5},
-        {"loss": 2.0, "step": 10},
-        {"step": 10},
-    ]
-    code, target = _summarise(_results_dir(tmp_path, results, history), tmp_path)
-    assert code == 0
-    assert read_summary(target) == {
-        "Network": "clip",
-        "RankSize": "2",
-        "BatchSize": "32",
-        "DeviceType": "x86_64",
-        "CaseName": "clip_bs32_2p_acc",
-        "ActualFPS": "640.0",
-        "ActualFPSPerDevice": "320.0",
-        "TrainingTime": "50.0",  # 32 * 1000 / 640, the recipe's formula
-        "ActualLoss": "2.0",  # the last logged loss, not the run's mean
-        "E2ETrainingTime": "41",
-        "TrainAccuracy": "1.875",
-        "eval_image_to_text_R@1": "0.25",
-        "eval_text_to_image_R@1": "0.125",
-    }
-    assert capsys.readouterr().out.splitlines()[-2:] == [
-        "Final Performance images/sec : 640.0",
-        "Final Train Loss : 2.0",
-    ]
-
-
-def test_summary_falls_back_to_the_mean_train_loss(tmp_path: Path) -> None:
-    out = _results_dir(tmp_path, {"train_samples_per_second": 100, "train_loss": 2.5})
-    code, target = _summarise(out, tmp_path)
-    fields = read_summary(target)
-    assert code == 0
-    assert fields["ActualLoss"] == "2.5" and fields["ActualFPSPerDevice"] == "50.0"
-    assert fields["TrainAccuracy"] == "NA" and "eval_image_to_text_R@1" not in fields
-
-
-@pytest.mark.parametrize(
-    ("results", "started_at", "message"),
-    [
-        (None, None, "all_results.json not found"),
-        ({"train_loss": 1.0}, None, "no usable train_samples_per_second"),
-        ({"train_samples_per_second": 0.0}, None, "no usable train_samples_per_second"),
-        ({"train_samples_per_second": 9.0}, time.time() + 60, "predates this run"),
-    ],
-)
-def test_summary_refuses_missing_or_stale_results(
-    results: dict | None,
-    started_at: float | None,
-    message: str,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture,
-) -> None:
-    out = _results_dir(tmp_path, results) if results is not None else tmp_path / "ckpt"
-    extra = ["--started_at", str(started_at)] if started_at else []
-    code, target = _summarise(out, tmp_path, *extra)
-    assert code == 1 and not target.exists()
-    assert message in capsys.readouterr().err
 
 
 def test_failed_training_exits_nonzero_and_leaves_no_summary(dirs: tuple[Path, Path], tmp_path: Path) -> None:
