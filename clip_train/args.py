@@ -1,0 +1,128 @@
+"""Command-line arguments: the reference run_clip.py's, the Ascend recipe's, and ours."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.training_args import OptimizerNames
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "The clip-roberta folder (see save_clip_roberta.py) or a hub id."})
+    config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer name or path, if not the model's."})
+    image_processor_name: str | None = field(default=None, metadata={"help": "Image processor name or path."})
+    feature_extractor_name: str | None = field(default=None, metadata={"help": "Old name of --image_processor_name."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where hub downloads and our caches are stored."})
+    model_revision: str = field(default="main", metadata={"help": "Model version (branch, tag or commit)."})
+    use_fast_tokenizer: bool = field(default=True, metadata={"help": "Use a fast (tokenizers-backed) tokenizer."})
+    token: str | None = field(default=None, metadata={"help": "Hub token for private models."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model folder/hub to run."})
+    freeze_vision_model: bool = field(default=False, metadata={"help": "Do not train the vision tower."})
+    freeze_text_model: bool = field(default=False, metadata={"help": "Do not train the text tower."})
+
+
+@dataclass
+class DataTrainingArguments:
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "ydshieh/coco_dataset_script (or none): the local COCO builder reading --data_dir."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "COCO year, e.g. 2017."})
+    data_dir: str | None = field(default=None, metadata={"help": "COCO folder: the zips or their extracted content."})
+    image_column: str | None = field(default="image_path", metadata={"help": "Column holding image file paths."})
+    caption_column: str | None = field(default="caption", metadata={"help": "Column holding the captions."})
+    train_file: str | None = field(default=None, metadata={"help": "csv or json-lines training file."})
+    validation_file: str | None = field(default=None, metadata={"help": "csv or json-lines validation file."})
+    test_file: str | None = field(default=None, metadata={"help": "csv or json-lines test file."})
+    max_seq_length: int | None = field(default=128, metadata={"help": "Longest caption in tokens (truncated)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation rows."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Rebuild the token and image caches."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for cache building."})
+    pad_to_max_length: bool = field(
+        default=False, metadata={"help": "Pad every caption to max_seq_length (the reference); else per batch."}
+    )
+    image_cache: bool = field(
+        default=True, metadata={"help": "Decode each image once into a uint8 cache; False decodes per sample."}
+    )
+    image_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where the token/image caches live (default ~/.cache/clip_for_pytorch)."}
+    )
+
+
+@dataclass
+class RecipeArguments:
+    """Flags the Ascend recipe passes that transformers 5 no longer knows, and this package's own."""
+
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start fresh: ignore and delete earlier checkpoints in output_dir."}
+    )
+    skip_steps: int = field(default=0, metadata={"help": "FPS leaves out the first N steps (warm-up)."})
+    device_id: int = field(default=0, metadata={"help": "The card of a 1-card run (npu:N / cuda:N)."})
+    fp16_opt_level: str = field(default="O2", metadata={"help": "apex opt level O0-O3 (see README's precision table)."})
+    loss_scale: str = field(default="dynamic", metadata={"help": "Loss scale for fp16: a number (static) or dynamic."})
+    use_combine_grad: bool = field(default=False, metadata={"help": "apex combine_grad (flat gradient buffers)."})
+    loss_scope: str = field(
+        default="local",
+        metadata={"help": "local: in-batch negatives per device (the recipe); global: over all ranks' batches."},
+    )
+    requested_optim: str | None = field(default=None, metadata={"help": "(set internally from --optim)"})
+
+
+ARG_CLASSES = (ModelArguments, DataTrainingArguments, TrainingArguments, RecipeArguments)
+# Optimizer names of the recipe's Trainer fork that transformers 5 does not know; the backend maps them.
+RECIPE_OPTIMS = {"adamw_apex_fused_npu", "adamw_apex_fused", "adamw_hf"}
+
+
+class ArgumentError(Exception):
+    """A command-line problem; the message says what to change."""
+
+
+def _take_recipe_optim(argv: list[str]) -> tuple[list[str], str | None]:
+    """Replace a recipe-only --optim value by adamw_torch for the parser; return the name asked for."""
+    known = {o.value for o in OptimizerNames}
+    out, asked = [], None
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--optim" and i + 1 < len(argv) and argv[i + 1] not in known:
+            asked = argv[i + 1]
+            out += ["--optim", "adamw_torch"]
+            i += 2
+            continue
+        if a.startswith("--optim=") and a.split("=", 1)[1] not in known:
+            asked = a.split("=", 1)[1]
+            a = "--optim=adamw_torch"
+        out.append(a)
+        i += 1
+    if asked is not None and asked not in RECIPE_OPTIMS:
+        raise ArgumentError(f"--optim {asked}: unknown optimizer. Known: {', '.join(sorted(known | RECIPE_OPTIMS))}")
+    return out, asked
+
+
+def parse_args(argv: list[str] | None = None) -> tuple:
+    """(model_args, data_args, training_args, recipe_args) from argv (or a single .json file of them)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARG_CLASSES)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=argv[0])
+    argv, asked = _take_recipe_optim(argv)
+    try:
+        *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as e:
+        raise ArgumentError(str(e)) from e
+    if rest:
+        raise ArgumentError(f"unknown arguments: {' '.join(rest)} (python3 run_clip.py --help lists them)")
+    model_args, data_args, training_args, recipe_args = parsed
+    recipe_args.requested_optim = asked or training_args.optim.value
+    if model_args.feature_extractor_name and not model_args.image_processor_name:
+        model_args.image_processor_name = model_args.feature_extractor_name
+    if recipe_args.loss_scope not in ("local", "global"):
+        raise ArgumentError(f"--loss_scope {recipe_args.loss_scope}: choose local or global")
+    if training_args.max_steps == 0:
+        raise ArgumentError("--max_steps 0 trains nothing: give a positive number, or -1 to use --num_train_epochs")
+    return model_args, data_args, training_args, recipe_args

@@ -1,0 +1,142 @@
+"""Loading what a run needs: model parts from the clip-roberta folder, caption rows, and ready datasets."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+
+from .coco import DataError, SplitRows, load_coco_split
+from .data import ClipDataset, build_dataset
+
+logger = logging.getLogger(__name__)
+
+# dataset_name values that mean "the COCO folder in --data_dir" (the recipe's hub script, read locally).
+COCO_NAMES = {None, "", "coco", "ydshieh/coco_dataset_script"}
+
+
+class SetupError(Exception):
+    """A set-up problem (model folder, output folder, sizes) the user must fix; the message says how."""
+
+
+def default_cache_dir(cache_dir: str | None) -> str:
+    base = cache_dir or os.environ.get("CLIP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "clip_for_pytorch")
+
+
+def load_part(cls: Any, path: str, what: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(path)`` with one clear message when the folder lacks that part."""
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        hint = (
+            f"Could not load the {what} from {path!r}: {str(e).splitlines()[0]}\n"
+            "Give --model_name_or_path a clip-roberta folder made by save_clip_roberta.py (config.json, "
+            "model.safetensors, tokenizer files, preprocessor_config.json); nothing is downloaded here."
+        )
+        raise SetupError(hint) from e
+
+
+def freeze_towers(model: Any, vision: bool, text: bool) -> None:
+    """Frozen towers get requires_grad=False, so autograd does no work for them."""
+    for flag, tower in ((vision, model.vision_model), (text, model.text_model)):
+        if flag:
+            for p in tower.parameters():
+                p.requires_grad_(False)
+
+
+def _read_table(path: str) -> datasets.Dataset:
+    ext = path.rsplit(".", 1)[-1].lower()
+    kind = {"csv": "csv", "json": "json", "jsonl": "json"}.get(ext)
+    if kind is None:
+        raise DataError(f"{path}: only csv and json-lines files are read (got .{ext})")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    return datasets.load_dataset(kind, data_files={"x": path}, split="x")
+
+
+def load_rows(data_args: Any, split: str) -> SplitRows:
+    """Rows of a split from the COCO folder, or from --train_file / --validation_file."""
+    table_file = data_args.train_file if split == "train" else data_args.validation_file
+    if table_file:
+        table = _read_table(table_file)
+        missing = [c for c in (data_args.image_column, data_args.caption_column) if c not in table.column_names]
+        if missing:
+            raise DataError(f"{table_file}: no column {missing} (columns: {table.column_names}); "
+                            "set --image_column / --caption_column")  # fmt: skip
+        rows = SplitRows()
+        rows.columns = {"caption": [], "image_path": []}
+        base = os.path.dirname(os.path.abspath(table_file))
+        for cap, img in zip(table[data_args.caption_column], table[data_args.image_column], strict=True):
+            if not isinstance(cap, str) or not cap.strip():
+                rows.skipped["empty_caption"] += 1
+            elif not img:
+                rows.skipped["missing_image"] += 1
+            else:
+                rows.columns["caption"].append(cap)
+                rows.columns["image_path"].append(img if os.path.isabs(img) else os.path.join(base, img))
+        return rows
+    if data_args.dataset_name not in COCO_NAMES:
+        raise DataError(
+            f"--dataset_name {data_args.dataset_name!r}: hub datasets are not loaded here. Use --data_dir with the "
+            "COCO folder (dataset_name ydshieh/coco_dataset_script or none), or --train_file/--validation_file."
+        )
+    if not data_args.data_dir:
+        raise DataError("no data: give --data_dir (the COCO 2017 folder) or --train_file/--validation_file")
+    rows = load_coco_split(data_args.data_dir, split, data_args.dataset_config_name or "2017")
+    for col in (data_args.image_column, data_args.caption_column):
+        if col not in rows.columns:
+            raise DataError(f"--image_column/--caption_column {col!r} is not a COCO column ({list(rows.columns)})")
+    if data_args.image_column != "image_path" or data_args.caption_column != "caption":
+        rows.columns = {"caption": rows.columns[data_args.caption_column],
+                        "image_path": rows.columns[data_args.image_column]}  # fmt: skip
+    return rows
+
+
+@dataclass
+class Split:
+    dataset: ClipDataset
+    image_paths: list[str]
+    rows: np.ndarray
+    skipped: Counter
+
+
+def make_split(rows: SplitRows, tokenizer: Any, data_args: Any, *, image_size: int, cache_dir: str,
+               limit: int | None) -> Split:  # fmt: skip
+    captions, paths = rows.columns["caption"], rows.columns["image_path"]
+    if limit is not None:
+        captions, paths = captions[:limit], paths[:limit]
+    skipped = Counter(rows.skipped)
+    ds, unique, kept = build_dataset(
+        captions,
+        paths,
+        tokenizer,
+        image_size=image_size,
+        max_len=data_args.max_seq_length,
+        use_cache=data_args.image_cache,
+        cache_dir=cache_dir,
+        num_proc=data_args.preprocessing_num_workers,
+        overwrite_cache=data_args.overwrite_cache,
+        skipped=skipped,
+    )
+    return Split(ds, unique, kept, skipped)
+
+
+def check_sizes(splits: dict[str, Split], training_args: Any) -> None:
+    """Stop early, with the numbers, when a split cannot make a single batch."""
+    for name, split in splits.items():
+        n = len(split.dataset)
+        if n == 0:
+            raise DataError(f"the {name} split has no usable rows (skipped: {dict(split.skipped)})")
+        per_device = training_args.per_device_train_batch_size if name == "train" else training_args.per_device_eval_batch_size
+        batch = per_device * training_args.world_size
+        if training_args.dataloader_drop_last and n < batch:
+            raise SetupError(
+                f"the {name} split has {n} rows, fewer than one batch ({per_device} x {training_args.world_size} "
+                "ranks) with --dataloader_drop_last: lower the batch size or add data"
+            )

@@ -1,0 +1,125 @@
+"""The Trainer subclass: uint8 images normalised on the device, the contrastive loss, and throughput after skip_steps."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .loss import clip_loss
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so that wall-clock timings mean what they say."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)  # type: ignore[attr-defined]
+
+
+def normalize_pixels(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W], scaled to [0, 1] and normalised with the processor's mean/std."""
+    x = images.permute(0, 3, 1, 2).float()
+    return (x - mean * 255.0) / (std * 255.0)
+
+
+class ClipTrainer(Trainer):
+    """Adds to the Trainer: device-side image normalisation, our loss, and the recipe's FPS definition."""
+
+    def __init__(
+        self,
+        *args: Any,
+        image_mean: list[float],
+        image_std: list[float],
+        skip_steps: int = 0,
+        loss_scope: str = "local",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._mean = torch.tensor(image_mean).view(1, 3, 1, 1)
+        self._std = torch.tensor(image_std).view(1, 3, 1, 1)
+        self.skip_steps = skip_steps
+        self.loss_scope = loss_scope
+        self._clock: dict[str, float] = {}
+        self.add_callback(_StepClock(self._clock))
+
+    # --- loss -------------------------------------------------------------------------------------------------
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:
+            return images
+        if self._mean.device != images.device:
+            self._mean, self._std = self._mean.to(images.device), self._std.to(images.device)
+        return normalize_pixels(images, self._mean, self._std)
+
+    def compute_loss(
+        self, model: torch.nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
+        out = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            pixel_values=self.pixels(inputs["pixel_values"]),
+            return_loss=False,
+        )
+        scale = self.accelerator.unwrap_model(model).logit_scale
+        loss = clip_loss(out.image_embeds, out.text_embeds, scale, scope=self.loss_scope)
+        return (loss, out) if return_outputs else loss
+
+    def prediction_step(
+        self, model: torch.nn.Module, inputs: dict, prediction_loss_only: bool, ignore_keys: Any = None
+    ) -> tuple[torch.Tensor, None, None]:
+        # Evaluation needs only the loss: keeping every batch's logits (the Trainer's default) costs memory for nothing.
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # --- throughput -------------------------------------------------------------------------------------------
+    def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
+        steps_done = self.state.global_step - self._clock.setdefault("first_step", self.state.global_step)
+        if steps_done == self.skip_steps and "t0" not in self._clock:
+            synchronize(self.args.device)
+            self._clock["t0"], self._clock["t0_step"] = time.perf_counter(), self.state.global_step
+        self._clock.setdefault("last_t", time.perf_counter())
+        self._clock.setdefault("last_step", self.state.global_step)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def global_batch(self) -> int:
+        return self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Per-interval throughput for the plots; the figure users compare is train_samples_per_second below.
+        if "loss" in logs and "last_t" in self._clock:
+            now = time.perf_counter()
+            steps = self.state.global_step - self._clock["last_step"]
+            if steps > 0 and now > self._clock["last_t"]:
+                logs["train_step_samples_per_second"] = round(steps * self.global_batch() / (now - self._clock["last_t"]), 3)
+            self._clock["last_t"], self._clock["last_step"] = now, self.state.global_step
+        super().log(logs, start_time)
+
+    def throughput_metrics(self) -> dict[str, float]:
+        """train_samples_per_second as the recipe defines it: global samples/s after the first skip_steps steps."""
+        if "t0" not in self._clock or self._clock.get("end_step", 0) <= self._clock["t0_step"]:
+            return {}
+        steps = self._clock["end_step"] - self._clock["t0_step"]
+        seconds = self._clock["end_t"] - self._clock["t0"]
+        fps = steps * self.global_batch() / seconds
+        return {
+            "train_samples_per_second": round(fps, 3),
+            "train_samples_per_second_per_device": round(fps / self.args.world_size, 3),
+            "train_steps_per_second": round(steps / seconds, 3),
+            "train_timed_steps": int(steps),
+        }
+
+
+class _StepClock(TrainerCallback):
+    """Stamps the end of every optimizer step (synchronising only at the last one, to keep steps asynchronous)."""
+
+    def __init__(self, clock: dict[str, float]) -> None:
+        self.clock = clock
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= state.max_steps:
+            synchronize(args.device)
+        self.clock["end_t"], self.clock["end_step"] = time.perf_counter(), state.global_step

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Train a CLIP-like dual encoder (clip-roberta) on COCO 2017 captions with the HF Trainer.
+
+The port of transformers' examples/pytorch/contrastive-image-text/run_clip.py used by the Ascend ModelZoo
+CLIP_for_PyTorch recipe. It reads top to bottom like the example; everything else lives in clip_train/.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import datasets
+import transformers
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, VisionTextDualEncoderProcessor, set_seed
+
+from clip_train import backend, data, loading, outputs
+from clip_train.args import ArgumentError, parse_args
+from clip_train.coco import DataError
+from clip_train.trainer import ClipTrainer
+
+logger = logging.getLogger("run_clip")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # 1. Arguments ---------------------------------------------------------------------------------------------
+    model_args, data_args, training_args, recipe_args = parse_args(argv)
+    plan = backend.configure(training_args, recipe_args)
+
+    # 2. Logging -----------------------------------------------------------------------------------------------
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+    )
+    log_level = training_args.get_process_log_level()
+    for lib in (logger, logging.getLogger("clip_train")):
+        lib.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    logger.info(backend.describe(plan))
+    logger.info("world_size=%d rank=%d", training_args.world_size, training_args.process_index)
+
+    resume_from = outputs.prepare_output_dir(training_args, recipe_args)
+    set_seed(training_args.seed)
+
+    # 3. Model, tokenizer, image processor ---------------------------------------------------------------------
+    common = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    tokenizer = loading.load_part(
+        AutoTokenizer, model_args.tokenizer_name or model_args.model_name_or_path, "tokenizer",
+        use_fast=model_args.use_fast_tokenizer, **common,
+    )  # fmt: skip
+    image_processor = loading.load_part(
+        AutoImageProcessor, model_args.image_processor_name or model_args.model_name_or_path, "image processor", **common
+    )
+    model = loading.load_part(AutoModel, model_args.model_name_or_path, "model", **common)
+    loading.freeze_towers(model, model_args.freeze_vision_model, model_args.freeze_text_model)
+    image_size = model.config.vision_config.image_size
+
+    # 4. Data: caption rows -> tokenised captions + decoded images -----------------------------------------------
+    cache_dir = data_args.image_cache_dir or loading.default_cache_dir(model_args.cache_dir)
+    skipped: dict = {}
+    splits = {}
+    wanted = {"train": training_args.do_train, "validation": training_args.do_eval}
+    for split, needed in wanted.items():
+        if not needed:
+            continue
+        rows = loading.load_rows(data_args, split)
+        limit = data_args.max_train_samples if split == "train" else data_args.max_eval_samples
+        with training_args.main_process_first(desc=f"{split} caches"):
+            splits[split] = loading.make_split(
+                rows, tokenizer, data_args, image_size=image_size, cache_dir=cache_dir, limit=limit
+            )
+        skipped.update({f"{split}_skipped_{k}": v for k, v in splits[split].skipped.items()})
+    loading.check_sizes(splits, training_args)
+
+    # 5. Trainer -----------------------------------------------------------------------------------------------
+    trainer = ClipTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=splits["train"].dataset if "train" in splits else None,
+        eval_dataset=splits["validation"].dataset if "validation" in splits else None,
+        data_collator=data.Collator(tokenizer.pad_token_id, data_args.max_seq_length, data_args.pad_to_max_length),
+        image_mean=image_processor.image_mean,
+        image_std=image_processor.image_std,
+        skip_steps=recipe_args.skip_steps,
+        loss_scope=recipe_args.loss_scope,
+    )
+    results: dict = dict(skipped)
+
+    # 6. Training ----------------------------------------------------------------------------------------------
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=resume_from)
+        metrics = {**train_result.metrics, **trainer.throughput_metrics(), **skipped}
+        metrics["train_samples"] = len(splits["train"].dataset)
+        trainer.save_model()
+        if trainer.is_world_process_zero():
+            processor = VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer)
+            processor.save_pretrained(training_args.output_dir)
+            image_processor.save_pretrained(training_args.output_dir)  # preprocessor_config.json for older readers
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        results.update(metrics)
+
+    # 7. Evaluation --------------------------------------------------------------------------------------------
+    if training_args.do_eval:
+        metrics = trainer.evaluate()
+        metrics["eval_samples"] = len(splits["validation"].dataset)
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results.update(metrics)
+    return results
+
+
+def cli() -> int:
+    try:
+        main()
+    except (ArgumentError, DataError, loading.SetupError) as e:
+        print(f"run_clip.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(cli())
