@@ -283,6 +283,8 @@ else
 fi
 [ "$kind" = perf ] && set_arg max_steps 1000
 ((world == 1)) && [ "$family" != cpu ] && set_arg device_id "$device_id"
+# transformers 5 sets up DDP on a CPU-only host only with use_cpu; without it each process trains alone.
+[ "$family" = cpu ] && set_arg use_cpu
 for record in "${passthrough[@]}"; do
   name=${record%%"$US"*} rest=${record#*"$US"}
   set_arg_joined "$name" "${rest%%"$US"*}" "${rest#*"$US"}"

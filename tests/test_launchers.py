@@ -173,8 +173,9 @@ def test_full_1p_runs_the_recipe_command(dirs: tuple[Path, Path], tmp_path: Path
         "model_name_or_path": [str(model)],
         "data_dir": [str(data)],
     }
-    # Exactly the recipe: no --overwrite_output_dir, --max_steps, --ddp_bucket_cap_mb, nor --device_id (CPU).
-    assert flags == {**RECIPE, **paths}
+    # Exactly the recipe, plus use_cpu (CPU host): no --overwrite_output_dir, --max_steps, --ddp_bucket_cap_mb,
+    # nor --device_id (no card to pick).
+    assert flags == {**RECIPE, **paths, "use_cpu": []}
     assert info["log"] == str(tmp_path / "out/5/train_5.log")
     assert info["summary"] == str(tmp_path / "out/5/clip_bs64_1p_acc.log")
 
@@ -282,20 +283,26 @@ def test_failed_training_exits_nonzero_and_leaves_no_summary(dirs: tuple[Path, P
 
 # ---- real training runs on the embedded demo -------------------------------------------------------------------
 
-# A few steps of the tiny demo: enough for throughput, an eval and a logged loss.
-TRAIN_FLAGS = ["--demo", "--max_steps=4", "--skip_steps=1", "--logging_steps=1", "--batch_size=8"]
+# A few steps of the tiny demo: enough for throughput, an eval and a logged loss; info logs show the world size.
+TRAIN_FLAGS = [
+    "--demo",
+    "--max_steps=4",
+    "--skip_steps=1",
+    "--logging_steps=1",
+    "--batch_size=8",
+    "--log_level=info",
+]
 
 
 @pytest.fixture(scope="session")
-def demo_root(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One demo build shared by every training test of the session, made before any launcher asks for it so that
-    the two nodes of the cluster test do not race to build it."""
-    root = str(tmp_path_factory.mktemp("clip-demo"))
-    env = {**os.environ, "CLIP_DEMO_ROOT": root, "PYTHONPATH": str(REPO)}
-    subprocess.run(
-        [sys.executable, "-m", "clip_train.demo", "--print-paths"], env=env, check=True, timeout=TIMEOUT
-    )
-    return root
+def demo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One demo build and one token/image cache shared by every training test of the session; the demo is made
+    before any launcher asks for it, so that the two nodes of the cluster test do not race to build it."""
+    root = tmp_path_factory.mktemp("clip-demo")
+    env = {"CLIP_DEMO_ROOT": str(root / "demo"), "CLIP_CACHE": str(root / "cache")}
+    command = [sys.executable, "-m", "clip_train.demo", "--print-paths"]
+    subprocess.run(command, env={**os.environ, **env, "PYTHONPATH": str(REPO)}, check=True, timeout=TIMEOUT)
+    return env
 
 
 def _check_summary(out: Path, device_id: str, case: str, console: str) -> dict[str, str]:
@@ -315,8 +322,8 @@ def _check_summary(out: Path, device_id: str, case: str, console: str) -> dict[s
     return fields
 
 
-def test_performance_1p_demo_run_writes_the_summary(demo_root: str, tmp_path: Path) -> None:
-    proc = launch("performance_1p", *TRAIN_FLAGS, env=_env(tmp_path, CLIP_DEMO_ROOT=demo_root))
+def test_performance_1p_demo_run_writes_the_summary(demo_env: dict[str, str], tmp_path: Path) -> None:
+    proc = launch("performance_1p", *TRAIN_FLAGS, env=_env(tmp_path, **demo_env))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     fields = _check_summary(tmp_path / "out", "0", "clip_bs8_1p_perf", proc.stdout)
     assert fields["RankSize"] == "1" and fields["BatchSize"] == "8"
@@ -325,20 +332,21 @@ def test_performance_1p_demo_run_writes_the_summary(demo_root: str, tmp_path: Pa
     assert float(fields["ActualLoss"]) == [e["loss"] for e in state["log_history"] if "loss" in e][-1]
 
 
-def test_full_8p_with_two_processes_is_one_ddp_run(demo_root: str, tmp_path: Path) -> None:
-    env = _env(tmp_path, CLIP_DEMO_ROOT=demo_root)
+def test_full_8p_with_two_processes_is_one_ddp_run(demo_env: dict[str, str], tmp_path: Path) -> None:
+    env = _env(tmp_path, **demo_env)
     proc = launch("full_8p", *TRAIN_FLAGS, "--nproc_per_node=2", env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     fields = _check_summary(tmp_path / "out", "0", "clip_bs8_2p_acc", proc.stdout)
     assert fields["RankSize"] == "2"
-    assert "world_size=2" in (tmp_path / "out/0/train_0.log").read_text()
+    assert "world_size=2 rank=0" in (tmp_path / "out/0/train_0.log").read_text()
+    assert float(fields["ActualFPSPerDevice"]) == pytest.approx(float(fields["ActualFPS"]) / 2, abs=1e-3)
 
 
-def test_cluster_two_nodes_make_one_training(demo_root: str, tmp_path: Path) -> None:
+def test_cluster_two_nodes_make_one_training(demo_env: dict[str, str], tmp_path: Path) -> None:
     port = str(free_port())
     nodes = []
     for rank in (0, 1):
-        env = _env(tmp_path, CLIP_DEMO_ROOT=demo_root, ASCEND_DEVICE_ID=str(rank))
+        env = _env(tmp_path, **demo_env, ASCEND_DEVICE_ID=str(rank))
         flags = ["--nnodes=2", f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
         command = [
             "bash",
@@ -355,7 +363,7 @@ def test_cluster_two_nodes_make_one_training(demo_root: str, tmp_path: Path) -> 
     out = tmp_path / "out"
     fields = _check_summary(out, "0", "clip_bs8_2p_acc", outputs[0])
     assert fields["RankSize"] == "2"
-    for rank in (0, 1):
-        assert "world_size=2" in (out / str(rank) / f"train_{rank}.log").read_text()
+    for rank in (0, 1):  # each node's log shows its own process in the one world
+        assert f"world_size=2 rank={rank}" in (out / str(rank) / f"train_{rank}.log").read_text()
     assert not list((out / "1").glob("clip_*.log"))  # the summary is node 0's alone
     assert "Final Performance" not in outputs[1]

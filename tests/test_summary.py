@@ -95,7 +95,7 @@ def test_summary_falls_back_to_the_mean_train_loss(tmp_path: Path) -> None:
         (None, None, "all_results.json not found"),
         ({"train_loss": 1.0}, None, "no usable train_samples_per_second"),
         ({"train_samples_per_second": 0.0}, None, "no usable train_samples_per_second"),
-        ({"train_samples_per_second": 9.0}, time.time() + 60, "predates this run"),
+        ({"train_samples_per_second": 9.0}, 60.0, "predates this run"),  # the run started 60 s after it
     ],
 )
 def test_summary_refuses_missing_or_stale_results(
@@ -106,7 +106,7 @@ def test_summary_refuses_missing_or_stale_results(
     capsys: pytest.CaptureFixture,
 ) -> None:
     out = _results_dir(tmp_path, results) if results is not None else tmp_path / "ckpt"
-    extra = ["--started_at", str(started_at)] if started_at else []
+    extra = ["--started_at", str(time.time() + started_at)] if started_at else []
     code, target = _summarise(out, tmp_path, *extra)
     assert code == 1 and not target.exists()
     assert message in capsys.readouterr().err
