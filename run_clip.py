@@ -13,11 +13,19 @@ import sys
 
 import datasets
 import transformers
-from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, VisionTextDualEncoderProcessor, set_seed
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    AutoTokenizer,
+    VisionTextDualEncoderProcessor,
+    set_seed,
+)
 
 from clip_train import backend, data, loading, outputs
 from clip_train.args import ArgumentError, parse_args
 from clip_train.coco import DataError
+from clip_train.loss import LogitScaleClamp
+from clip_train.report import save_plots
 from clip_train.trainer import ClipTrainer
 
 logger = logging.getLogger("run_clip")
@@ -30,8 +38,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 2. Logging -----------------------------------------------------------------------------------------------
     logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        level=logging.INFO,
     )
+    if training_args.should_log:  # as upstream: INFO on the main process unless --log_level says otherwise
+        transformers.utils.logging.set_verbosity_info()
     log_level = training_args.get_process_log_level()
     for lib in (logger, logging.getLogger("clip_train")):
         lib.setLevel(log_level)
@@ -55,7 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
         use_fast=model_args.use_fast_tokenizer, **common,
     )  # fmt: skip
     image_processor = loading.load_part(
-        AutoImageProcessor, model_args.image_processor_name or model_args.model_name_or_path, "image processor", **common
+        AutoImageProcessor,
+        model_args.image_processor_name or model_args.model_name_or_path,
+        "image processor",
+        **common,
     )
     model = loading.load_part(AutoModel, model_args.model_name_or_path, "model", **common)
     loading.freeze_towers(model, model_args.freeze_vision_model, model_args.freeze_text_model)
@@ -84,11 +99,16 @@ def main(argv: list[str] | None = None) -> dict:
         args=training_args,
         train_dataset=splits["train"].dataset if "train" in splits else None,
         eval_dataset=splits["validation"].dataset if "validation" in splits else None,
-        data_collator=data.Collator(tokenizer.pad_token_id, data_args.max_seq_length, data_args.pad_to_max_length),
+        data_collator=data.Collator(
+            tokenizer.pad_token_id, data_args.max_seq_length, data_args.pad_to_max_length
+        ),
         image_mean=image_processor.image_mean,
         image_std=image_processor.image_std,
         skip_steps=recipe_args.skip_steps,
         loss_scope=recipe_args.loss_scope,
+        retrieval=recipe_args.retrieval_eval,
+        pad_id=tokenizer.pad_token_id,
+        callbacks=[LogitScaleClamp(recipe_args.max_logit_scale)] if recipe_args.max_logit_scale else None,
     )
     results: dict = dict(skipped)
 
@@ -101,7 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
         if trainer.is_world_process_zero():
             processor = VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer)
             processor.save_pretrained(training_args.output_dir)
-            image_processor.save_pretrained(training_args.output_dir)  # preprocessor_config.json for older readers
+            image_processor.save_pretrained(
+                training_args.output_dir
+            )  # preprocessor_config.json for older readers
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
@@ -114,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results.update(metrics)
+    if trainer.is_world_process_zero():
+        save_plots(trainer.state.log_history, training_args.output_dir)
     return results
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Build ./clip-roberta (the recipe's model folder) from a CLIP vision checkpoint and a RoBERTa checkpoint.
 
-    python3 save_clip_roberta.py                                  # openai/clip-vit-base-patch32 + roberta-base
-    python3 save_clip_roberta.py --vision_model /models/clip-vit-base-patch32 --text_model /models/roberta-base
+python3 save_clip_roberta.py                                  # openai/clip-vit-base-patch32 + roberta-base
+python3 save_clip_roberta.py --vision_model /models/clip-vit-base-patch32 --text_model /models/roberta-base
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     except AssembleError as e:
         print(f"save_clip_roberta.py: error: {e}", file=sys.stderr)
         return 1
-    print(f"Wrote {os.path.abspath(a.output_dir)} (VisionTextDualEncoderModel + processor), reloaded and checked:")
+    print(
+        f"Wrote {os.path.abspath(a.output_dir)} (VisionTextDualEncoderModel + processor), reloaded and checked:"
+    )
     for f in files:
         print(f"  {f}")
     return 0

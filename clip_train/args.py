@@ -11,16 +11,30 @@ from transformers.training_args import OptimizerNames
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "The clip-roberta folder (see save_clip_roberta.py) or a hub id."})
-    config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's."})
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer name or path, if not the model's."})
+    model_name_or_path: str = field(
+        metadata={"help": "The clip-roberta folder (see save_clip_roberta.py) or a hub id."}
+    )
+    config_name: str | None = field(
+        default=None, metadata={"help": "Config name or path, if not the model's."}
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer name or path, if not the model's."}
+    )
     image_processor_name: str | None = field(default=None, metadata={"help": "Image processor name or path."})
-    feature_extractor_name: str | None = field(default=None, metadata={"help": "Old name of --image_processor_name."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where hub downloads and our caches are stored."})
+    feature_extractor_name: str | None = field(
+        default=None, metadata={"help": "Old name of --image_processor_name."}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where hub downloads and our caches are stored."}
+    )
     model_revision: str = field(default="main", metadata={"help": "Model version (branch, tag or commit)."})
-    use_fast_tokenizer: bool = field(default=True, metadata={"help": "Use a fast (tokenizers-backed) tokenizer."})
+    use_fast_tokenizer: bool = field(
+        default=True, metadata={"help": "Use a fast (tokenizers-backed) tokenizer."}
+    )
     token: str | None = field(default=None, metadata={"help": "Hub token for private models."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from the model folder/hub to run."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow code from the model folder/hub to run."}
+    )
     freeze_vision_model: bool = field(default=False, metadata={"help": "Do not train the vision tower."})
     freeze_text_model: bool = field(default=False, metadata={"help": "Do not train the text tower."})
 
@@ -29,28 +43,45 @@ class ModelArguments:
 class DataTrainingArguments:
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "ydshieh/coco_dataset_script (or none): the local COCO builder reading --data_dir."},
+        metadata={
+            "help": "ydshieh/coco_dataset_script (or none): the local COCO builder reading --data_dir."
+        },
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "COCO year, e.g. 2017."})
-    data_dir: str | None = field(default=None, metadata={"help": "COCO folder: the zips or their extracted content."})
-    image_column: str | None = field(default="image_path", metadata={"help": "Column holding image file paths."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "COCO folder: the zips or their extracted content."}
+    )
+    image_column: str | None = field(
+        default="image_path", metadata={"help": "Column holding image file paths."}
+    )
     caption_column: str | None = field(default="caption", metadata={"help": "Column holding the captions."})
     train_file: str | None = field(default=None, metadata={"help": "csv or json-lines training file."})
     validation_file: str | None = field(default=None, metadata={"help": "csv or json-lines validation file."})
     test_file: str | None = field(default=None, metadata={"help": "csv or json-lines test file."})
-    max_seq_length: int | None = field(default=128, metadata={"help": "Longest caption in tokens (truncated)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation rows."})
+    max_seq_length: int | None = field(
+        default=128, metadata={"help": "Longest caption in tokens (truncated)."}
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N training rows."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N validation rows."}
+    )
     overwrite_cache: bool = field(default=False, metadata={"help": "Rebuild the token and image caches."})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for cache building."})
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for cache building."}
+    )
     pad_to_max_length: bool = field(
-        default=False, metadata={"help": "Pad every caption to max_seq_length (the reference); else per batch."}
+        default=False,
+        metadata={"help": "Pad every caption to max_seq_length (the reference); else per batch."},
     )
     image_cache: bool = field(
-        default=True, metadata={"help": "Decode each image once into a uint8 cache; False decodes per sample."}
+        default=True,
+        metadata={"help": "Decode each image once into a uint8 cache; False decodes per sample."},
     )
     image_cache_dir: str | None = field(
-        default=None, metadata={"help": "Where the token/image caches live (default ~/.cache/clip_for_pytorch)."}
+        default=None,
+        metadata={"help": "Where the token/image caches live (default ~/.cache/clip_for_pytorch)."},
     )
 
 
@@ -63,12 +94,28 @@ class RecipeArguments:
     )
     skip_steps: int = field(default=0, metadata={"help": "FPS leaves out the first N steps (warm-up)."})
     device_id: int = field(default=0, metadata={"help": "The card of a 1-card run (npu:N / cuda:N)."})
-    fp16_opt_level: str = field(default="O2", metadata={"help": "apex opt level O0-O3 (see README's precision table)."})
-    loss_scale: str = field(default="dynamic", metadata={"help": "Loss scale for fp16: a number (static) or dynamic."})
-    use_combine_grad: bool = field(default=False, metadata={"help": "apex combine_grad (flat gradient buffers)."})
+    fp16_opt_level: str = field(
+        default="O2", metadata={"help": "apex opt level O0-O3 (see README's precision table)."}
+    )
+    loss_scale: str = field(
+        default="dynamic", metadata={"help": "Loss scale for fp16: a number (static) or dynamic."}
+    )
+    use_combine_grad: bool = field(
+        default=False, metadata={"help": "apex combine_grad (flat gradient buffers)."}
+    )
     loss_scope: str = field(
         default="local",
-        metadata={"help": "local: in-batch negatives per device (the recipe); global: over all ranks' batches."},
+        metadata={
+            "help": "local: in-batch negatives per device (the recipe); global: over all ranks' batches."
+        },
+    )
+    max_logit_scale: float | None = field(
+        default=None,
+        metadata={"help": "Largest exp(logit_scale), clamped after each step; CLIP uses 100. Off."},
+    )
+    retrieval_eval: bool = field(
+        default=True,
+        metadata={"help": "At each evaluation also compute image<->text R@1/5/10 on the validation split."},
     )
     requested_optim: str | None = field(default=None, metadata={"help": "(set internally from --optim)"})
 
@@ -100,7 +147,9 @@ def _take_recipe_optim(argv: list[str]) -> tuple[list[str], str | None]:
         out.append(a)
         i += 1
     if asked is not None and asked not in RECIPE_OPTIMS:
-        raise ArgumentError(f"--optim {asked}: unknown optimizer. Known: {', '.join(sorted(known | RECIPE_OPTIMS))}")
+        raise ArgumentError(
+            f"--optim {asked}: unknown optimizer. Known: {', '.join(sorted(known | RECIPE_OPTIMS))}"
+        )
     return out, asked
 
 
@@ -124,5 +173,7 @@ def parse_args(argv: list[str] | None = None) -> tuple:
     if recipe_args.loss_scope not in ("local", "global"):
         raise ArgumentError(f"--loss_scope {recipe_args.loss_scope}: choose local or global")
     if training_args.max_steps == 0:
-        raise ArgumentError("--max_steps 0 trains nothing: give a positive number, or -1 to use --num_train_epochs")
+        raise ArgumentError(
+            "--max_steps 0 trains nothing: give a positive number, or -1 to use --num_train_epochs"
+        )
     return model_args, data_args, training_args, recipe_args

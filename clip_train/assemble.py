@@ -18,7 +18,11 @@ def _load(cls: Any, name: str, what: str, flag: str, **kwargs: Any) -> Any:
         return cls.from_pretrained(name, **kwargs)
     except Exception as e:  # noqa: BLE001 - hub/network errors come in many types; all mean the same to the user
         local = os.path.isdir(name)
-        where = f"the local folder {name!r}" if local else f"{name!r} (not a local folder, and the hub is unreachable or has no such model)"
+        where = (
+            f"the local folder {name!r}"
+            if local
+            else f"{name!r} (not a local folder, and the hub is unreachable or has no such model)"
+        )
         raise AssembleError(
             f"could not load the {what} from {where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n"
             f"Pass local folders instead, e.g. {flag} /path/to/{os.path.basename(name.rstrip('/')) or 'model'} "
@@ -57,6 +61,8 @@ def build_clip_roberta(vision_model: str, text_model: str, output_dir: str) -> l
         raise AssembleError(f"{output_dir} reloads as {type(again).__name__}, not VisionTextDualEncoderModel")
     tok = AutoTokenizer.from_pretrained(output_dir)
     if len(tok) != len(tokenizer):
-        raise AssembleError(f"{output_dir}: tokenizer reloads with {len(tok)} tokens, expected {len(tokenizer)}")
+        raise AssembleError(
+            f"{output_dir}: tokenizer reloads with {len(tok)} tokens, expected {len(tokenizer)}"
+        )
     AutoImageProcessor.from_pretrained(output_dir)
     return sorted(os.listdir(output_dir))

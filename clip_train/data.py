@@ -23,7 +23,12 @@ logger = logging.getLogger(__name__)
 
 
 def tokenize_captions(
-    captions: Sequence[str], tokenizer: Any, max_len: int, cache_dir: str | None, num_proc: int | None, overwrite: bool
+    captions: Sequence[str],
+    tokenizer: Any,
+    max_len: int,
+    cache_dir: str | None,
+    num_proc: int | None,
+    overwrite: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of every caption as one flat int32 array plus offsets (cached with datasets.map)."""
     ds = datasets.Dataset.from_dict({"caption": list(captions)})
@@ -85,9 +90,11 @@ class ImagesOnTheFly:
 
 
 class ClipDataset(torch.utils.data.Dataset):
-    """Caption rows -> {"input_ids": int32 array, "image": uint8 [S, S, 3]}."""
+    """Caption rows -> {"input_ids": int32 array, "pixel_values": uint8 [S, S, 3]}."""
 
-    def __init__(self, flat_ids: np.ndarray, offsets: np.ndarray, image_index: np.ndarray, images: Any) -> None:
+    def __init__(
+        self, flat_ids: np.ndarray, offsets: np.ndarray, image_index: np.ndarray, images: Any
+    ) -> None:
         self.flat_ids, self.offsets, self.image_index, self.images = flat_ids, offsets, image_index, images
 
     def __len__(self) -> int:
@@ -95,7 +102,7 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         ids = self.flat_ids[self.offsets[i] : self.offsets[i + 1]]
-        return {"input_ids": ids, "image": self.images[self.image_index[i]]}
+        return {"input_ids": ids, "pixel_values": self.images[self.image_index[i]]}
 
 
 def build_dataset(
@@ -130,10 +137,24 @@ def build_dataset(
         images = ImagesOnTheFly(unique, image_size)
     if len(keep) < len(captions):
         starts, ends = offsets[keep], offsets[keep + 1]
-        flat = np.concatenate([flat[s:e] for s, e in zip(starts, ends, strict=True)]) if len(keep) else flat[:0]
+        flat = (
+            np.concatenate([flat[s:e] for s, e in zip(starts, ends, strict=True)]) if len(keep) else flat[:0]
+        )
         offsets = np.zeros(len(keep) + 1, dtype=np.int64)
         np.cumsum(ends - starts, out=offsets[1:])
     return ClipDataset(flat, offsets, image_index[keep], images), unique, keep
+
+
+def pad_captions(ids: list[np.ndarray], pad_id: int, width: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) padded to ``width``, or to the longest caption rounded up to a multiple of 8."""
+    if width is None:
+        width = -(-max((len(x) for x in ids), default=1) // 8) * 8
+    out = np.full((len(ids), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), width), dtype=np.int64)
+    for row, x in enumerate(ids):
+        out[row, : len(x)] = x
+        mask[row, : len(x)] = 1
+    return torch.from_numpy(out), torch.from_numpy(mask)
 
 
 class Collator:
@@ -143,21 +164,12 @@ class Collator:
         self.pad_id, self.max_len, self.pad_to_max_length = pad_id, max_len, pad_to_max_length
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        samples = [s for s in samples if s["image"] is not None]
-        if self.pad_to_max_length:
-            width = self.max_len
-        else:
-            longest = max((len(s["input_ids"]) for s in samples), default=1)
-            width = min(self.max_len, -(-longest // 8) * 8) if self.max_len >= 8 else longest
-        ids = np.full((len(samples), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(samples), width), dtype=np.int64)
-        for row, s in enumerate(samples):
-            n = len(s["input_ids"])
-            ids[row, :n] = s["input_ids"]
-            mask[row, :n] = 1
-        images = np.stack([s["image"] for s in samples]) if samples else np.zeros((0, 1, 1, 3), np.uint8)
-        return {
-            "input_ids": torch.from_numpy(ids),
-            "attention_mask": torch.from_numpy(mask),
-            "pixel_values": torch.from_numpy(images),
-        }
+        samples = [s for s in samples if s["pixel_values"] is not None]
+        ids = [s["input_ids"] for s in samples]
+        longest = -(-max((len(x) for x in ids), default=1) // 8) * 8
+        width = self.max_len if self.pad_to_max_length else min(self.max_len, longest)
+        input_ids, mask = pad_captions(ids, self.pad_id, max(width, max((len(x) for x in ids), default=1)))
+        images = (
+            np.stack([s["pixel_values"] for s in samples]) if samples else np.zeros((0, 1, 1, 3), np.uint8)
+        )
+        return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": torch.from_numpy(images)}

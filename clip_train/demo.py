@@ -134,8 +134,11 @@ def write_tiny_towers(root: str, captions: list[str], image_size: int = 64) -> t
 
 def prepare(root: str | None = None, n_train: int = 600, n_val: int = 100) -> tuple[str, str]:
     """Make the demo data and model once under ``root`` (atomically); return (data_dir, model_dir)."""
+    from transformers.utils import logging as hf_logging
+
     from .assemble import build_clip_roberta
 
+    hf_logging.set_verbosity_error()  # the towers' load reports are expected here and only noise
     root = root or default_root()
     data_dir, model_dir = os.path.join(root, "coco"), os.path.join(root, "clip-roberta")
     if os.path.isfile(os.path.join(root, "READY")):
@@ -173,7 +176,9 @@ def recipe_args(data_dir: str, model_dir: str, output_dir: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=None, help="where the demo lives (default .cache/demo or $CLIP_DEMO_ROOT)")
+    p.add_argument(
+        "--root", default=None, help="where the demo lives (default .cache/demo or $CLIP_DEMO_ROOT)"
+    )
     p.add_argument("--print-paths", action="store_true", help="make the demo, print its paths, do not train")
     a, extra = p.parse_known_args(argv)
     data_dir, model_dir = prepare(a.root)

@@ -76,7 +76,13 @@ def load_image(path: str, size: int) -> np.ndarray:
             img.draft("RGB", (size, size))
             img = img.convert("RGB")
         return resize_center_crop(img, size)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as e:
         raise BadImage(f"cannot decode {path}: {e}") from e
 
 
@@ -156,7 +162,14 @@ def build_cache(paths: Sequence[str], size: int, cache_dir: str, workers: int = 
 
     partial = f"{array_path}.{socket.gethostname()}.{os.getpid()}.partial"
     np.memmap(partial, dtype=np.uint8, mode="w+", shape=(max(n, 1), size, size, 3)).flush()
-    logger.info("Building the image cache for %d images at %dx%d in %s (%d workers)", n, size, size, cache_dir, workers)
+    logger.info(
+        "Building the image cache for %d images at %dx%d in %s (%d workers)",
+        n,
+        size,
+        size,
+        cache_dir,
+        workers,
+    )
     chunk = 256
     jobs = [(partial, list(paths[s : s + chunk]), s, max(n, 1), size) for s in range(0, n, chunk)]
     bad: dict[int, str] = {}

@@ -65,7 +65,9 @@ def load_rows(data_args: Any, split: str) -> SplitRows:
     table_file = data_args.train_file if split == "train" else data_args.validation_file
     if table_file:
         table = _read_table(table_file)
-        missing = [c for c in (data_args.image_column, data_args.caption_column) if c not in table.column_names]
+        missing = [
+            c for c in (data_args.image_column, data_args.caption_column) if c not in table.column_names
+        ]
         if missing:
             raise DataError(f"{table_file}: no column {missing} (columns: {table.column_names}); "
                             "set --image_column / --caption_column")  # fmt: skip
@@ -91,7 +93,9 @@ def load_rows(data_args: Any, split: str) -> SplitRows:
     rows = load_coco_split(data_args.data_dir, split, data_args.dataset_config_name or "2017")
     for col in (data_args.image_column, data_args.caption_column):
         if col not in rows.columns:
-            raise DataError(f"--image_column/--caption_column {col!r} is not a COCO column ({list(rows.columns)})")
+            raise DataError(
+                f"--image_column/--caption_column {col!r} is not a COCO column ({list(rows.columns)})"
+            )
     if data_args.image_column != "image_path" or data_args.caption_column != "caption":
         rows.columns = {"caption": rows.columns[data_args.caption_column],
                         "image_path": rows.columns[data_args.image_column]}  # fmt: skip
@@ -133,7 +137,11 @@ def check_sizes(splits: dict[str, Split], training_args: Any) -> None:
         n = len(split.dataset)
         if n == 0:
             raise DataError(f"the {name} split has no usable rows (skipped: {dict(split.skipped)})")
-        per_device = training_args.per_device_train_batch_size if name == "train" else training_args.per_device_eval_batch_size
+        per_device = (
+            training_args.per_device_train_batch_size
+            if name == "train"
+            else training_args.per_device_eval_batch_size
+        )
         batch = per_device * training_args.world_size
         if training_args.dataloader_drop_last and n < batch:
             raise SetupError(

@@ -38,7 +38,9 @@ def prepare_output_dir(training_args: Any, recipe_args: Any) -> str | None:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise SetupError(f"--output_dir {out!r} is not writable ({e.strerror}); choose another folder.") from e
+        raise SetupError(
+            f"--output_dir {out!r} is not writable ({e.strerror}); choose another folder."
+        ) from e
     if training_args.resume_from_checkpoint:
         return training_args.resume_from_checkpoint
     if not training_args.do_train:
@@ -46,7 +48,9 @@ def prepare_output_dir(training_args: Any, recipe_args: Any) -> str | None:
     checkpoints = complete_checkpoints(out)
     if recipe_args.overwrite_output_dir:
         if checkpoints and training_args.process_index == 0:
-            logger.warning("--overwrite_output_dir: deleting %d earlier checkpoint(s) in %s", len(checkpoints), out)
+            logger.warning(
+                "--overwrite_output_dir: deleting %d earlier checkpoint(s) in %s", len(checkpoints), out
+            )
             for path in checkpoints:
                 shutil.rmtree(path, ignore_errors=True)
         return None

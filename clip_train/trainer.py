@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .evaluation import retrieval_eval
 from .loss import clip_loss
 
 
@@ -35,6 +36,8 @@ class ClipTrainer(Trainer):
         image_std: list[float],
         skip_steps: int = 0,
         loss_scope: str = "local",
+        retrieval: bool = True,
+        pad_id: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -42,6 +45,7 @@ class ClipTrainer(Trainer):
         self._std = torch.tensor(image_std).view(1, 3, 1, 1)
         self.skip_steps = skip_steps
         self.loss_scope = loss_scope
+        self.retrieval, self.pad_id = retrieval, pad_id
         self._clock: dict[str, float] = {}
         self.add_callback(_StepClock(self._clock))
 
@@ -54,7 +58,11 @@ class ClipTrainer(Trainer):
         return normalize_pixels(images, self._mean, self._std)
 
     def compute_loss(
-        self, model: torch.nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch: Any = None
+        self,
+        model: torch.nn.Module,
+        inputs: dict,
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
     ) -> Any:
         out = model(
             input_ids=inputs["input_ids"],
@@ -63,7 +71,9 @@ class ClipTrainer(Trainer):
             return_loss=False,
         )
         scale = self.accelerator.unwrap_model(model).logit_scale
-        loss = clip_loss(out.image_embeds, out.text_embeds, scale, scope=self.loss_scope)
+        # Evaluation keeps the in-batch loss, so eval_loss stays comparable with the recipe's at any world size.
+        scope = self.loss_scope if model.training else "local"
+        loss = clip_loss(out.image_embeds, out.text_embeds, scale, scope=scope)
         return (loss, out) if return_outputs else loss
 
     def prediction_step(
@@ -75,8 +85,30 @@ class ClipTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
+    ) -> dict:
+        """The in-batch eval loss (as the recipe), then retrieval recall over the whole validation split."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if self.retrieval and ds is not None and len(ds):
+            start = time.perf_counter()
+            with torch.no_grad(), self.accelerator.autocast():
+                found = retrieval_eval(
+                    self.model, ds, pad_id=self.pad_id, batch_size=self.args.per_device_eval_batch_size,
+                    device=self.args.device, rank=self.args.process_index, world=self.args.world_size,
+                    pixels=self.pixels,
+                )  # fmt: skip
+            found = {f"{metric_key_prefix}_{k}": round(v, 4) for k, v in found.items()}
+            found[f"{metric_key_prefix}_retrieval_runtime"] = round(time.perf_counter() - start, 3)
+            self.log(found)
+            metrics.update(found)
+        return metrics
+
     # --- throughput -------------------------------------------------------------------------------------------
-    def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         steps_done = self.state.global_step - self._clock.setdefault("first_step", self.state.global_step)
         if steps_done == self.skip_steps and "t0" not in self._clock:
             synchronize(self.args.device)
@@ -86,7 +118,11 @@ class ClipTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def global_batch(self) -> int:
-        return self.args.per_device_train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
+        return (
+            self.args.per_device_train_batch_size
+            * self.args.world_size
+            * self.args.gradient_accumulation_steps
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Per-interval throughput for the plots; the figure users compare is train_samples_per_second below.
@@ -94,7 +130,9 @@ class ClipTrainer(Trainer):
             now = time.perf_counter()
             steps = self.state.global_step - self._clock["last_step"]
             if steps > 0 and now > self._clock["last_t"]:
-                logs["train_step_samples_per_second"] = round(steps * self.global_batch() / (now - self._clock["last_t"]), 3)
+                logs["train_step_samples_per_second"] = round(
+                    steps * self.global_batch() / (now - self._clock["last_t"]), 3
+                )
             self._clock["last_t"], self._clock["last_step"] = now, self.state.global_step
         super().log(logs, start_time)
 

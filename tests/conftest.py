@@ -1,0 +1,42 @@
+"""Shared fixtures: one small demo COCO folder and tiny clip-roberta per test session, made by the real code."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Caches and the demo go to a temporary folder, never to ~/.cache or the repo; child processes inherit it."""
+    root = tmp_path_factory.mktemp("session")
+    os.environ["CLIP_CACHE"] = str(root / "cache")
+    os.environ["CLIP_DEMO_ROOT"] = str(root / "demo")
+    os.environ["HF_DATASETS_CACHE"] = str(root / "hf-datasets")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+@pytest.fixture(scope="session")
+def demo(_isolated_caches: None) -> tuple[str, str]:
+    """(data_dir, model_dir): a 160-image COCO-format folder (zips) and a tiny clip-roberta."""
+    from clip_train.demo import prepare
+
+    return prepare(os.environ["CLIP_DEMO_ROOT"], n_train=160, n_val=40)
+
+
+def run_py(args: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a Python entry point of the repo as a user would, capturing its output."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
