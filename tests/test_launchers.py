@@ -311,6 +311,8 @@ def _check_summary(out: Path, device_id: str, case: str, console: str) -> dict[s
     assert fields["CaseName"] == case and fields["DeviceType"] == os.uname().machine
     assert float(fields["ActualFPS"]) == results["train_samples_per_second"] > 0
     assert fields["TrainAccuracy"] == str(results["eval_loss"])
+    for key in ("eval_image_to_text_R@1", "eval_text_to_image_R@1"):  # retrieval is on by default
+        assert fields[key] == str(results[key])
     assert float(fields["TrainingTime"]) == pytest.approx(8 * 1000 / float(fields["ActualFPS"]), rel=1e-3)
     assert float(fields["ActualLoss"]) > 0 and int(fields["E2ETrainingTime"]) > 0
     tail = [
