@@ -140,7 +140,7 @@ while (($#)); do
   esac
 done
 
-is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
+is_uint() { [[ $1 =~ ^(0|[1-9][0-9]*)$ ]]; } # no leading zeros: bash arithmetic would read them as octal
 is_uint "$opt_batch_size" && ((opt_batch_size > 0)) || die_usage "--batch_size must be a positive integer (got '$opt_batch_size')"
 [[ $opt_train_epochs =~ ^[0-9]*\.?[0-9]+$ ]] || die_usage "--train_epochs must be a number (got '$opt_train_epochs')"
 is_uint "$opt_nnodes" && ((opt_nnodes > 0)) || die_usage "--nnodes must be a positive integer (got '$opt_nnodes')"

@@ -124,6 +124,7 @@ def test_missing_paths_print_usage_and_exit_1(script: str, tmp_path: Path) -> No
     ("args", "message"),
     [
         (["--batch_size=big"], "--batch_size must be a positive integer"),
+        (["--batch_size=08"], "--batch_size must be a positive integer"),
         (["--nproc_per_node=0"], "--nproc_per_node must be a positive integer or 'auto'"),
         (["--nnodes=2", "--node_rank=2"], "--node_rank must be 0..1"),
         (["stray"], "unexpected argument 'stray'"),
@@ -234,7 +235,8 @@ def test_ascend_host_gets_hccl_settings_and_the_device_id(dirs: tuple[Path, Path
     info, command = dry_run("full_1p", dirs, env=env)
     assert info["family"] == "npu" and info["devices"] == "8"
     assert info["HCCL_WHITELIST_DISABLE"] == "1" and "HCCL_IF_IP" not in info
-    assert run_clip_flags(command)["device_id"] == ["3"]
+    flags = run_clip_flags(command)
+    assert flags["device_id"] == ["3"] and "use_cpu" not in flags
 
     info, command = dry_run("cluster", dirs, *CLUSTER_FLAGS, "--nproc_per_node=auto", env=env)
     assert info["world_size"] == "16"
