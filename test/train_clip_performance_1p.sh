@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# CLIP on one card, the recipe's performance run: 1000 steps; reports images/sec.
+# All flags and outputs: bash test/train_clip_performance_1p.sh --help (the implementation is test/launch.sh).
+exec bash "$(dirname "${BASH_SOURCE[0]}")/launch.sh" performance_1p "$@"
