@@ -275,6 +275,8 @@ set_arg learning_rate 5e-5
 set_arg warmup_steps 0
 set_arg weight_decay 0.1
 set_arg skip_steps 10
+# The demo's towers start from random weights: they need a larger step than the recipe's pretrained ones.
+((demo)) && set_arg learning_rate 5e-4 && set_arg logging_steps 10
 if ((multi)); then
   set_arg save_steps "$SAVE_STEPS_MULTI"
   set_arg ddp_bucket_cap_mb 150
