@@ -111,7 +111,7 @@ class Split:
 
 
 def make_split(rows: SplitRows, tokenizer: Any, data_args: Any, *, image_size: int, cache_dir: str,
-               limit: int | None) -> Split:  # fmt: skip
+               limit: int | None, name: str = "data") -> Split:  # fmt: skip
     captions, paths = rows.columns["caption"], rows.columns["image_path"]
     if limit is not None:
         captions, paths = captions[:limit], paths[:limit]
@@ -128,6 +128,9 @@ def make_split(rows: SplitRows, tokenizer: Any, data_args: Any, *, image_size: i
         overwrite_cache=data_args.overwrite_cache,
         skipped=skipped,
     )
+    if skipped:
+        logger.warning("%s: %d of %d rows kept; skipped: %s", name, len(ds), len(captions) + sum(rows.skipped.values()),
+                       ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))  # fmt: skip
     return Split(ds, unique, kept, skipped)
 
 

@@ -1,0 +1,163 @@
+"""Kill -9 a real run (one process, and two DDP processes on gloo) mid-training, rerun the same command: it
+resumes by itself from the last complete checkpoint and ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from conftest import REPO
+from safetensors.torch import load_file
+
+from clip_train.checkpointing import MARKER, is_complete
+from clip_train.outputs import complete_checkpoints
+
+# 12 steps an epoch: the kill lands mid-epoch or on its boundary, and the resumed part crosses epoch boundaries.
+MAX_STEPS, SAVE_STEPS, KILL_AFTER = 48, 4, 14
+
+
+def train_cmd(demo: tuple[str, str], out: str, world: int) -> list[str]:
+    data_dir, model_dir = demo
+    launcher = [sys.executable]
+    if world > 1:
+        with socket.socket() as s:  # a free port, so concurrent test runs never meet
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher += [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(world),
+            "--master_port",
+            str(port),
+        ]
+    return launcher + [
+        "run_clip.py", "--output_dir", out, "--model_name_or_path", model_dir, "--data_dir", data_dir,
+        "--do_train", "--max_train_samples", "96", "--per_device_train_batch_size", str(8 // world),
+        "--dataloader_drop_last", "--dataloader_num_workers", "1", "--max_steps", str(MAX_STEPS),
+        "--save_steps", str(SAVE_STEPS), "--logging_steps", "1", "--learning_rate", "1e-3", "--seed", "7",
+        "--report_to", "none",
+        "--use_cpu",  # on a CPU-only machine accelerate sees torchrun's ranks only with use_cpu (see report)
+    ]  # fmt: skip
+
+
+def start(cmd: list[str], log_path: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = open(log_path, "w")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish(p: subprocess.Popen, log_path: str, timeout: int = 300) -> str:
+    p.wait(timeout=timeout)
+    log = open(log_path).read()
+    assert p.returncode == 0, log[-4000:]
+    return log
+
+
+def kill_all(p: subprocess.Popen) -> None:
+    """SIGKILL a run and every process under it, as a crashed node or a killed job does. torchrun starts each
+    worker in a session of its own, so a signal to torchrun's process group would leave the workers running."""
+    below = psutil.Process(p.pid).children(recursive=True)
+    p.send_signal(signal.SIGKILL)
+    for proc in below:
+        proc.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)  # reaped here, not by psutil, so that Popen keeps the exit status
+    psutil.wait_procs(below, timeout=60)
+
+
+def wait_for_checkpoint(p: subprocess.Popen, out: str, log_path: str, deadline: float) -> bool:
+    """False while the run has no complete checkpoint at or past KILL_AFTER; fails if it ends first."""
+    assert p.poll() is None, "the run ended before the kill:\n" + open(log_path).read()[-4000:]
+    assert time.monotonic() < deadline, "no checkpoint in time"
+    return any(int(c.rsplit("-", 1)[1]) >= KILL_AFTER for c in complete_checkpoints(out))
+
+
+def add_half_written_checkpoint(out: str, world: int) -> str:
+    """What a kill during a save leaves: rank 0's files (trainer_state.json too) but another rank's RNG file cut
+    short and no completion marker. Placed after every existing checkpoint, at a step no save will reuse."""
+    newest = complete_checkpoints(out)[-1]
+    steps = [int(n.split("-")[1]) for n in os.listdir(out) if n.startswith("checkpoint-")]
+    half = os.path.join(out, f"checkpoint-{max(steps) + 1}")
+    shutil.copytree(newest, half)
+    os.remove(os.path.join(half, MARKER))
+    rng = os.path.join(half, "rng_state_1.pth" if world > 1 else "rng_state.pth")
+    data = open(rng, "rb").read()
+    open(rng, "wb").write(data[: len(data) // 2])
+    return half
+
+
+def losses(out: str) -> dict[int, float]:
+    state = json.load(open(os.path.join(out, "trainer_state.json")))
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+@pytest.fixture(scope="module")
+def runs(demo, tmp_path_factory) -> dict:
+    """For 1 and 2 processes at once (the machine is small; most of a run's time is start-up): an uninterrupted
+    run, and the same command killed at a random moment after KILL_AFTER steps, then run again as it was."""
+    root = tmp_path_factory.mktemp("resume")
+    found, started = {}, []
+    for world in (1, 2):
+        for kind in ("reference", "killed"):
+            out, log = str(root / f"{kind}{world}"), str(root / f"{kind}{world}.log")
+            found[kind, world] = {"cmd": train_cmd(demo, out, world), "out": out, "log": log}
+            found[kind, world]["p"] = start(found[kind, world]["cmd"], log)
+            started.append(found[kind, world]["p"])
+    try:
+        deadline, waiting = time.monotonic() + 300, {1, 2}
+        while waiting:
+            for world in sorted(waiting):
+                run = found["killed", world]
+                if wait_for_checkpoint(run["p"], run["out"], run["log"], deadline):
+                    time.sleep(random.Random(world).uniform(0.0, 0.3))  # a few steps on, maybe mid-save
+                    kill_all(run["p"])
+                    assert run["p"].returncode == -signal.SIGKILL
+                    assert not os.path.exists(os.path.join(run["out"], "all_results.json"))
+                    run["last_complete"] = complete_checkpoints(run["out"])[-1]
+                    run["half"] = add_half_written_checkpoint(run["out"], world)
+                    run["p"] = start(run["cmd"], run["log"] + ".rerun")  # the same command, nothing added
+                    started.append(run["p"])
+                    waiting.discard(world)
+            time.sleep(0.05)
+        for run in found.values():
+            run["output"] = finish(run["p"], run["log"] + (".rerun" if "half" in run else ""))
+        yield found
+    finally:
+        for p in started:
+            if p.poll() is None:
+                kill_all(p)
+
+
+@pytest.mark.parametrize("world", [1, 2], ids=["1-process", "2-ddp-processes"])
+def test_kill_and_rerun_resumes_and_matches_an_uninterrupted_run(runs, world):
+    killed, reference = runs["killed", world], runs["reference", world]
+    assert f"Resuming from {killed['last_complete']}" in killed["output"]
+    assert not os.path.exists(killed["half"]), "the unfinished checkpoint is removed, its steps redone"
+    got, want = losses(killed["out"]), losses(reference["out"])
+    assert sorted(got) == list(range(1, MAX_STEPS + 1)) == sorted(want)
+    resumed_from = int(killed["last_complete"].rsplit("-", 1)[1])
+    assert KILL_AFTER <= resumed_from < MAX_STEPS
+    for s in got:  # before resumed_from: the killed run's own losses; after: the resumed run's
+        assert got[s] == pytest.approx(want[s], rel=1e-5, abs=1e-6), (s, resumed_from, got[s], want[s])
+    assert all(is_complete(c) for c in complete_checkpoints(killed["out"]))
+    assert json.load(open(os.path.join(killed["out"], "all_results.json")))["epoch"] == pytest.approx(4.0)
+
+
+def test_weights_are_saved_as_safetensors(runs):
+    out = runs["reference", 1]["out"]
+    folders = [out, *complete_checkpoints(out)]
+    assert len(folders) == 3  # the final model and the last two checkpoints (save_total_limit defaults to 2)
+    for folder in folders:
+        names = os.listdir(folder)
+        assert "model.safetensors" in names, folder
+        assert not [n for n in names if n.endswith(".bin") and n != "training_args.bin"], names
+        assert "logit_scale" in load_file(os.path.join(folder, "model.safetensors"))
