@@ -116,6 +116,8 @@ def make_split(rows: SplitRows, tokenizer: Any, data_args: Any, *, image_size: i
     if limit is not None:
         captions, paths = captions[:limit], paths[:limit]
     skipped = Counter(rows.skipped)
+    if not captions:  # stop here, with the reasons, rather than deep inside tokenisation
+        raise DataError(f"the {name} split has no usable rows (skipped: {dict(skipped)})")
     ds, unique, kept = build_dataset(
         captions,
         paths,

@@ -26,6 +26,7 @@ MAX_STEPS, SAVE_STEPS, KILL_AFTER = 48, 4, 14
 
 
 def train_cmd(demo: tuple[str, str], out: str, world: int) -> list[str]:
+    """One process saves every SAVE_STEPS steps; two save by the clock (every 0.6 s) with --save_steps "never"."""
     data_dir, model_dir = demo
     launcher = [sys.executable]
     if world > 1:
@@ -44,7 +45,8 @@ def train_cmd(demo: tuple[str, str], out: str, world: int) -> list[str]:
         "run_clip.py", "--output_dir", out, "--model_name_or_path", model_dir, "--data_dir", data_dir,
         "--do_train", "--max_train_samples", "96", "--per_device_train_batch_size", str(8 // world),
         "--dataloader_drop_last", "--dataloader_num_workers", "1", "--max_steps", str(MAX_STEPS),
-        "--save_steps", str(SAVE_STEPS), "--logging_steps", "1", "--learning_rate", "1e-3", "--seed", "7",
+        *(["--save_steps", str(SAVE_STEPS)] if world == 1 else ["--save_steps", "150000", "--save_minutes", "0.01"]),
+        "--logging_steps", "1", "--learning_rate", "1e-3", "--seed", "7",
         "--report_to", "none",
         "--use_cpu",  # on a CPU-only machine accelerate sees torchrun's ranks only with use_cpu (see report)
     ]  # fmt: skip
@@ -141,7 +143,10 @@ def runs(demo, tmp_path_factory) -> dict:
 def test_kill_and_rerun_resumes_and_matches_an_uninterrupted_run(runs, world):
     killed, reference = runs["killed", world], runs["reference", world]
     assert f"Resuming from {killed['last_complete']}" in killed["output"]
-    assert not os.path.exists(killed["half"]), "the unfinished checkpoint is removed, its steps redone"
+    half = os.path.basename(killed["half"])
+    assert f"unfinished (no {MARKER}): {half}" in killed["output"], (
+        "the unfinished one is removed, its steps redone"
+    )
     got, want = losses(killed["out"]), losses(reference["out"])
     assert sorted(got) == list(range(1, MAX_STEPS + 1)) == sorted(want)
     resumed_from = int(killed["last_complete"].rsplit("-", 1)[1])
@@ -161,3 +166,15 @@ def test_weights_are_saved_as_safetensors(runs):
         assert "model.safetensors" in names, folder
         assert not [n for n in names if n.endswith(".bin") and n != "training_args.bin"], names
         assert "logit_scale" in load_file(os.path.join(folder, "model.safetensors"))
+
+
+def test_timed_saves_agree_across_ranks(runs):
+    """The DDP runs pass the recipe's --save_steps 150000 ("never") and --save_minutes 0.01: checkpoints still
+    come, at steps both ranks agreed on (or the marker's barrier would hang), and are resumed from."""
+    killed = runs["killed", 2]
+    before_kill = open(killed["log"]).read()
+    steps = [
+        int(line.rsplit("-", 1)[1]) for line in before_kill.splitlines() if "Checkpoint complete:" in line
+    ]
+    assert len(steps) >= 2 and steps == sorted(set(steps)), steps
+    assert int(killed["last_complete"].rsplit("-", 1)[1]) in steps
