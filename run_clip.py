@@ -146,9 +146,10 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def cli() -> int:
+def cli(argv: list[str] | None = None) -> int:
+    """main() with set-up and data problems as one line on stderr and exit code 2 (no traceback)."""
     try:
-        main()
+        main(argv)
     except (ArgumentError, DataError, loading.SetupError) as e:
         print(f"run_clip.py: error: {e}", file=sys.stderr)
         return 2

@@ -34,6 +34,11 @@ def load_part(cls: Any, path: str, what: str, **kwargs: Any) -> Any:
     try:
         return cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as e:
+        if "trust_remote_code" in str(e):
+            raise SetupError(
+                f"The {what} in {path!r} needs Python code from that folder (its auto_map), which is never run "
+                "unless you pass --trust_remote_code; pass it only for a folder you trust."
+            ) from e
         hint = (
             f"Could not load the {what} from {path!r}: {str(e).splitlines()[0]}\n"
             "Give --model_name_or_path a clip-roberta folder made by save_clip_roberta.py (config.json, "

@@ -55,10 +55,17 @@ def prepare_output_dir(training_args: Any, recipe_args: Any) -> str | None:
     """
     out = training_args.output_dir
     _check_writable(out)
-    if training_args.resume_from_checkpoint:
-        return training_args.resume_from_checkpoint
     if not training_args.do_train:
         return None
+    asked = training_args.resume_from_checkpoint
+    if asked:
+        if not os.path.isfile(os.path.join(asked, "trainer_state.json")):
+            raise SetupError(
+                f"--resume_from_checkpoint {asked!r}: not a checkpoint folder (no trainer_state.json)"
+            )
+        if not is_complete(asked):
+            logger.warning("%s has no %s: it may be incomplete; resuming from it as asked", asked, MARKER)
+        return asked
     every = _checkpoints(out)
     complete = [p for _, p in every if is_complete(p)]
     resume = None if recipe_args.overwrite_output_dir or not complete else complete[-1]
