@@ -102,6 +102,8 @@ def build_bad_coco(root: str) -> str:
     for k, cap in enumerate(bad_captions):
         ann["annotations"].append({"image_id": first, "id": 90_000 + k, "caption": cap})
     ann["annotations"].append({"image_id": 999_999, "id": 90_010, "caption": "an orphan caption"})
+    ann["images"].append({"id": 777_777, "height": 72, "width": 96})  # no file_name: unusable
+    ann["annotations"].append({"image_id": 777_777, "id": 90_011, "caption": "a caption of a nameless image"})
     json.dump(ann, open(path, "w", encoding="utf-8"), ensure_ascii=False)
 
     path = os.path.join(data, "annotations", "captions_val2017.json")
@@ -189,7 +191,7 @@ def test_broken_images_are_skipped_and_counted(runs):
             "bad image skipped: cannot decode" in line and name in line for line in log.splitlines()
         ), name
     assert "decompression bomb" in log
-    assert "train: 85 of 95 rows kept; skipped: bad_image=3, empty_caption=3, missing_image=3, " in log
+    assert "train: 85 of 96 rows kept; skipped: bad_image=3, empty_caption=3, missing_image=3, " in log
 
 
 def test_missing_images_are_skipped_and_counted(runs):
@@ -201,7 +203,9 @@ def test_missing_images_are_skipped_and_counted(runs):
 def test_empty_captions_and_unknown_image_ids_are_skipped_and_counted(runs):
     r = results(runs)
     assert r["train_skipped_empty_caption"] == 3  # "", None and whitespace
-    assert r["train_skipped_unknown_image_id"] == 1
+    assert (
+        r["train_skipped_unknown_image_id"] == 2
+    )  # an id no image has, and an image entry without file_name
 
 
 def test_eval_skips_reach_all_results(runs):

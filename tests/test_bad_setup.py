@@ -36,12 +36,18 @@ def model_without(model_dir: str, dst: str, *names: str) -> str:
     return dst
 
 
-def coco_without(root: str, what: str) -> str:
-    """A demo COCO folder missing its annotations or its train images."""
+def broken_coco(root: str, what: str) -> str:
+    """A demo COCO folder without its annotations or train images, or with a cut zip or a broken JSON file."""
     write_coco(root, 4, 4)
-    os.remove(
-        os.path.join(root, "annotations_trainval2017.zip" if what == "annotations" else "train2017.zip")
-    )
+    ann, train = os.path.join(root, "annotations_trainval2017.zip"), os.path.join(root, "train2017.zip")
+    if what in ("no-annotations", "no-images"):
+        os.remove(ann if what == "no-annotations" else train)
+    elif what == "cut-zip":  # an interrupted download
+        blob = open(train, "rb").read()
+        open(train, "wb").write(blob[: len(blob) // 2])
+    else:
+        os.makedirs(os.path.join(root, "annotations"))
+        open(os.path.join(root, "annotations", "captions_train2017.json"), "w").write('{"images": [')
     return root
 
 
@@ -57,6 +63,8 @@ def check_one_clear_error(capfd, args: list[str], message: str) -> None:
 CASES = {  # name: (what to change in the demo set-up, words the one error line must hold)
     "no annotations": ({"data": "no-annotations"}, "No caption annotations in"),
     "no train images": ({"data": "no-images"}, "No images for train2017 in"),
+    "train zip cut short": ({"data": "cut-zip"}, "train2017.zip is not a valid zip"),
+    "annotations not JSON": ({"data": "bad-json"}, "captions_train2017.json is not valid JSON"),
     "model folder without image processor": ({"model": "no-processor"}, "Could not load the image processor"),
     "model folder without tokenizer": ({"model": "no-tokenizer"}, "Could not load the tokenizer"),
     "model path missing": ({"model": "missing"}, "Could not load the tokenizer"),
@@ -82,10 +90,7 @@ CASES = {  # name: (what to change in the demo set-up, words the one error line 
 def test_one_clear_message_exit_2_no_traceback(demo, tmp_path, capfd, case):
     data_dir, model_dir = demo
     change, message = CASES[case]
-    data = {
-        "no-annotations": lambda: coco_without(str(tmp_path / "coco"), "annotations"),
-        "no-images": lambda: coco_without(str(tmp_path / "coco"), "images"),
-    }.get(change.get("data"), lambda: data_dir)()
+    data = broken_coco(str(tmp_path / "coco"), change["data"]) if "data" in change else data_dir
     model = {
         "no-processor": lambda: model_without(
             model_dir, str(tmp_path / "m"), "preprocessor_config.json", "processor_config.json"

@@ -178,3 +178,44 @@ def test_timed_saves_agree_across_ranks(runs):
     ]
     assert len(steps) >= 2 and steps == sorted(set(steps)), steps
     assert int(killed["last_complete"].rsplit("-", 1)[1]) in steps
+
+
+def make_checkpoint(out: str, step: int, *, state: bool = True, marker: bool = True) -> str:
+    path = os.path.join(out, f"checkpoint-{step}")
+    os.makedirs(path)
+    if state:
+        open(os.path.join(path, "trainer_state.json"), "w").write(json.dumps({"global_step": step}))
+    if marker:
+        open(os.path.join(path, MARKER), "w").write(json.dumps({"global_step": step}))
+    return path
+
+
+def test_output_dir_rules(tmp_path):
+    """Which checkpoint a rerun uses and what it deletes, on real folders with real parsed arguments."""
+    from clip_train.args import parse_args
+    from clip_train.outputs import prepare_output_dir
+
+    out = str(tmp_path / "out")
+
+    def prepare(*extra: str) -> str | None:
+        *_, training_args, recipe_args = parse_args(
+            ["--model_name_or_path", "m", "--output_dir", out, "--do_train", "--use_cpu", *extra]
+        )
+        return prepare_output_dir(training_args, recipe_args)
+
+    def left() -> list[str]:
+        return sorted(os.listdir(out), key=lambda n: int(n.split("-")[1]))
+
+    # Only unfinished folders (a kill during the first save, or another program's): fresh start, nothing deleted.
+    make_checkpoint(out, 3, marker=False)
+    assert prepare() is None and left() == ["checkpoint-3"]
+    # Finished ones: the newest is resumed; unfinished ones after it (steps to redo) go, older ones stay.
+    done = [make_checkpoint(out, s) for s in (4, 8)]
+    make_checkpoint(out, 10, marker=False)
+    make_checkpoint(out, 12, state=False, marker=False)
+    assert prepare() == done[-1]
+    assert left() == ["checkpoint-3", "checkpoint-4", "checkpoint-8"]
+    # Asked for explicitly: used as given, even without the marker.
+    assert prepare("--resume_from_checkpoint", os.path.join(out, "checkpoint-3")).endswith("checkpoint-3")
+    # --overwrite_output_dir: a fresh start, and every checkpoint is deleted.
+    assert prepare("--overwrite_output_dir") is None and left() == []
