@@ -8,7 +8,8 @@ writing), then rank 0 writes ``checkpoint_complete.json``; resuming only ever us
 The recipe's ``--save_steps 150000`` means "never" on COCO, so the guard also asks for a save whenever
 ``--save_minutes`` of wall time have passed since the last one. Ranks must agree on the step that saves (the
 marker's barrier would otherwise hang), so the decision is taken from rank 0's clock, shared by an all-reduce at
-a few steps only: 1, 2, 4, 8, ... steps after each save, from which the step of the next save is projected.
+a few steps only (1, 2, 4, 8, ... steps after each save, and the step after an evaluation), from which the step of
+the next save is projected.
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ class CheckpointGuard(TrainerCallback):
             self._save_at = done if elapsed >= self.seconds else math.ceil(self.seconds * done / elapsed)
         if self._save_at is not None and done >= self._save_at:
             control.should_save = True
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # An evaluation can take minutes the projection did not see: look at the clock again after the next step.
+        self._next_check = min(self._next_check, state.global_step - self._step0 + 1)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         _from_rank0(0.0, args)  # barrier: every rank has finished writing its part of the checkpoint

@@ -26,7 +26,7 @@ MAX_STEPS, SAVE_STEPS, KILL_AFTER = 48, 4, 14
 
 
 def train_cmd(demo: tuple[str, str], out: str, world: int) -> list[str]:
-    """One process saves every SAVE_STEPS steps; two save by the clock (every 0.6 s) with --save_steps "never"."""
+    """One process saves every SAVE_STEPS steps; two save by the clock (every 0.3 s) with --save_steps "never"."""
     data_dir, model_dir = demo
     launcher = [sys.executable]
     if world > 1:
@@ -45,7 +45,7 @@ def train_cmd(demo: tuple[str, str], out: str, world: int) -> list[str]:
         "run_clip.py", "--output_dir", out, "--model_name_or_path", model_dir, "--data_dir", data_dir,
         "--do_train", "--max_train_samples", "96", "--per_device_train_batch_size", str(8 // world),
         "--dataloader_drop_last", "--dataloader_num_workers", "1", "--max_steps", str(MAX_STEPS),
-        *(["--save_steps", str(SAVE_STEPS)] if world == 1 else ["--save_steps", "150000", "--save_minutes", "0.01"]),
+        *(["--save_steps", str(SAVE_STEPS)] if world == 1 else ["--save_steps", "150000", "--save_minutes", "0.005"]),
         "--logging_steps", "1", "--learning_rate", "1e-3", "--seed", "7",
         "--report_to", "none",
         "--use_cpu",  # on a CPU-only machine accelerate sees torchrun's ranks only with use_cpu (see report)
@@ -169,7 +169,7 @@ def test_weights_are_saved_as_safetensors(runs):
 
 
 def test_timed_saves_agree_across_ranks(runs):
-    """The DDP runs pass the recipe's --save_steps 150000 ("never") and --save_minutes 0.01: checkpoints still
+    """The DDP runs pass the recipe's --save_steps 150000 ("never") and --save_minutes 0.005: checkpoints still
     come, at steps both ranks agreed on (or the marker's barrier would hang), and are resumed from."""
     killed = runs["killed", 2]
     before_kill = open(killed["log"]).read()
@@ -219,3 +219,36 @@ def test_output_dir_rules(tmp_path):
     assert prepare("--resume_from_checkpoint", os.path.join(out, "checkpoint-3")).endswith("checkpoint-3")
     # --overwrite_output_dir: a fresh start, and every checkpoint is deleted.
     assert prepare("--overwrite_output_dir") is None and left() == []
+
+
+def test_save_clock_projects_saves_and_looks_again_after_an_evaluation(tmp_path):
+    """CheckpointGuard alone, driven like the Trainer drives it, with real sleeps as the steps' work."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from clip_train.checkpointing import CheckpointGuard
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    state, control = TrainerState(), TrainerControl()
+    guard = CheckpointGuard(save_minutes=0.005)  # 300 ms
+    guard.on_train_begin(args, state, control)
+    saved = []
+
+    def step(seconds: float) -> bool:
+        time.sleep(seconds)
+        state.global_step += 1
+        control.should_save = False
+        guard.on_step_end(args, state, control)
+        if control.should_save:  # what the Trainer then does: write the folder, call on_save
+            saved.append(state.global_step)
+            make_checkpoint(str(tmp_path), state.global_step, marker=False)
+            guard.on_save(args, state, control)
+        return control.should_save
+
+    while state.global_step < 60 or not saved or saved[-1] != state.global_step:
+        step(0.02)
+    assert len(saved) >= 3, saved  # >= 60 steps of >= 20 ms: >= 1.2 s, a save every ~300 ms
+    assert all(is_complete(os.path.join(str(tmp_path), f"checkpoint-{s}")) for s in saved)
+    assert not any(step(0.0) for _ in range(5))  # right after a save: not yet; the clock is read at 1, 2, 4
+    time.sleep(0.5)  # an evaluation longer than the whole interval, before step 6 (next read due at 8)
+    guard.on_evaluate(args, state, control)
+    assert step(0.0), "the step after a long evaluation saves"
