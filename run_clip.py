@@ -21,7 +21,7 @@ from transformers import (
     set_seed,
 )
 
-from clip_train import backend, data, loading, outputs
+from clip_train import backend, checkpointing, data, loading, outputs
 from clip_train.args import ArgumentError, parse_args, plan_backend
 from clip_train.coco import DataError
 from clip_train.loss import LogitScaleClamp
@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         logger.warning(note)
     logger.info("world_size=%d rank=%d", training_args.world_size, training_args.process_index)
 
+    checkpointing.settle_save_args(training_args)
     resume_from = outputs.prepare_output_dir(training_args, recipe_args)
     set_seed(training_args.seed)
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # 4. Data: caption rows -> tokenised captions + decoded images -----------------------------------------------
     cache_dir = data_args.image_cache_dir or loading.default_cache_dir(model_args.cache_dir)
-    skipped: dict = {}
+    skipped: dict = {"train": {}, "validation": {}}  # rows and images left out, by kind
     splits = {}
     wanted = {"train": training_args.do_train, "validation": training_args.do_eval}
     for split, needed in wanted.items():
@@ -91,9 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
         limit = data_args.max_train_samples if split == "train" else data_args.max_eval_samples
         with training_args.main_process_first(desc=f"{split} caches"):
             splits[split] = loading.make_split(
-                rows, tokenizer, data_args, image_size=image_size, cache_dir=cache_dir, limit=limit
-            )
-        skipped.update({f"{split}_skipped_{k}": v for k, v in splits[split].skipped.items()})
+                rows, tokenizer, data_args, image_size=image_size, cache_dir=cache_dir, limit=limit,
+                name=split,
+            )  # fmt: skip
+        prefix = "train" if split == "train" else "eval"
+        skipped[split] = {f"{prefix}_skipped_{k}": v for k, v in splits[split].skipped.items()}
     loading.check_sizes(splits, training_args)
 
     # 5. Trainer -----------------------------------------------------------------------------------------------
@@ -112,14 +115,15 @@ def main(argv: list[str] | None = None) -> dict:
         retrieval=recipe_args.retrieval_eval,
         pad_id=tokenizer.pad_token_id,
         backend_plan=plan,
-        callbacks=[LogitScaleClamp(recipe_args.max_logit_scale)] if recipe_args.max_logit_scale else None,
+        callbacks=[checkpointing.CheckpointGuard(recipe_args.save_minutes)]
+        + ([LogitScaleClamp(recipe_args.max_logit_scale)] if recipe_args.max_logit_scale else []),
     )
-    results: dict = dict(skipped)
+    results: dict = {**skipped["train"], **skipped["validation"]}
 
     # 6. Training ----------------------------------------------------------------------------------------------
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=resume_from)
-        metrics = {**train_result.metrics, **trainer.throughput_metrics(), **skipped}
+        metrics = {**train_result.metrics, **trainer.throughput_metrics(), **skipped["train"]}
         metrics["train_samples"] = len(splits["train"].dataset)
         trainer.save_model()
         if trainer.is_world_process_zero():
@@ -137,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.do_eval:
         metrics = trainer.evaluate()
         metrics["eval_samples"] = len(splits["validation"].dataset)
+        metrics.update(skipped["validation"])
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results.update(metrics)
@@ -145,9 +150,10 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def cli() -> int:
+def cli(argv: list[str] | None = None) -> int:
+    """main() with set-up and data problems as one line on stderr and exit code 2 (no traceback)."""
     try:
-        main()
+        main(argv)
     except (ArgumentError, DataError, loading.SetupError) as e:
         print(f"run_clip.py: error: {e}", file=sys.stderr)
         return 2

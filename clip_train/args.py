@@ -120,6 +120,13 @@ class RecipeArguments:
         default=True,
         metadata={"help": "At each evaluation also compute image<->text R@1/5/10 on the validation split."},
     )
+    save_minutes: float = field(
+        default=15.0,
+        metadata={
+            "help": "Also save a checkpoint whenever this many minutes passed since the last one, whatever "
+            "--save_steps says, so a killed run loses at most that much (0: off)."
+        },
+    )
     requested_optim: str | None = field(default=None, metadata={"help": "(set internally from --optim)"})
 
 
@@ -177,6 +184,8 @@ def parse_args(argv: list[str] | None = None) -> tuple:
         model_args.image_processor_name = model_args.feature_extractor_name
     if recipe_args.loss_scope not in ("local", "global"):
         raise ArgumentError(f"--loss_scope {recipe_args.loss_scope}: choose local or global")
+    if recipe_args.save_minutes < 0:
+        raise ArgumentError(f"--save_minutes {recipe_args.save_minutes}: give minutes >= 0 (0 turns it off)")
     if training_args.max_steps == 0:
         raise ArgumentError(
             "--max_steps 0 trains nothing: give a positive number, or -1 to use --num_train_epochs"

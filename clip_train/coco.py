@@ -36,22 +36,35 @@ class SplitRows:
         return len(self.columns["caption"])
 
 
+def _parse_annotations(blob: bytes, where: str) -> dict:
+    try:
+        ann = json.loads(blob.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{where} is not valid JSON ({e}); download or extract it again.") from e
+    if not isinstance(ann, dict):
+        raise DataError(
+            f"{where} is not a COCO captions file (expected an object with images and annotations)"
+        )
+    return ann
+
+
 def _annotation_json(data_dir: str, name: str) -> dict:
     """Read ``annotations/<name>`` from the extracted folder or from ``annotations_trainval2017.zip``."""
     plain = os.path.join(data_dir, "annotations", name)
     if os.path.isfile(plain):
-        with open(plain, encoding="utf-8") as f:
-            return json.load(f)
+        with open(plain, "rb") as f:
+            return _parse_annotations(f.read(), plain)
     for zname in ("annotations_trainval2017.zip", "annotations_trainval.zip"):
         zpath = os.path.join(data_dir, zname)
         if os.path.isfile(zpath):
             try:
                 with zipfile.ZipFile(zpath) as z:
-                    return json.loads(z.read(f"annotations/{name}").decode("utf-8"))
+                    blob = z.read(f"annotations/{name}")
             except KeyError:
                 continue
-            except zipfile.BadZipFile as e:
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
                 raise DataError(f"{zpath} is not a valid zip ({e}); download it again.") from e
+            return _parse_annotations(blob, f"{zpath}/annotations/{name}")
     raise DataError(
         f"No caption annotations in {data_dir!r}: looked for annotations/{name} and for "
         f"annotations_trainval2017.zip containing it. Point --data_dir (launchers: --data_path) at the COCO "
@@ -69,7 +82,7 @@ def _image_container(data_dir: str, folder: str) -> tuple[str, set[str]]:
         try:
             with zipfile.ZipFile(zpath) as z:
                 names = z.namelist()
-        except zipfile.BadZipFile as e:
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
             raise DataError(f"{zpath} is not a valid zip ({e}); download it again.") from e
         prefix = f"{folder}/"
         files = {n[len(prefix) :] for n in names if n.startswith(prefix) and not n.endswith("/")}
@@ -86,10 +99,13 @@ def load_coco_split(data_dir: str, split: str, year: str = "2017") -> SplitRows:
     folder = f"{SPLIT_DIRS[split]}{year}"
     ann = _annotation_json(data_dir, f"captions_{folder}.json")
     image_root, present = _image_container(data_dir, folder)
-    images = {img["id"]: img for img in ann.get("images", [])}
+    # Entries without an id or a file name are unusable; captions pointing at them count as unknown_image_id.
+    images = {img["id"]: img for img in ann.get("images", []) if isinstance(img, dict) and "id" in img
+              and isinstance(img.get("file_name"), str)}  # fmt: skip
     rows = SplitRows()
     cols = rows.columns
     for a in ann.get("annotations", []):
+        a = a if isinstance(a, dict) else {}
         caption = a.get("caption")
         info = images.get(a.get("image_id"))
         if not isinstance(caption, str) or not caption.strip():
@@ -100,7 +116,7 @@ def load_coco_split(data_dir: str, split: str, year: str = "2017") -> SplitRows:
             rows.skipped["missing_image"] += 1
         else:
             cols["image_id"].append(info["id"])
-            cols["caption_id"].append(a["id"])
+            cols["caption_id"].append(a.get("id"))
             cols["caption"].append(caption)
             cols["height"].append(info.get("height"))
             cols["width"].append(info.get("width"))

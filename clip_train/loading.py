@@ -34,6 +34,11 @@ def load_part(cls: Any, path: str, what: str, **kwargs: Any) -> Any:
     try:
         return cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as e:
+        if "trust_remote_code" in str(e):
+            raise SetupError(
+                f"The {what} in {path!r} needs Python code from that folder (its auto_map), which is never run "
+                "unless you pass --trust_remote_code; pass it only for a folder you trust."
+            ) from e
         hint = (
             f"Could not load the {what} from {path!r}: {str(e).splitlines()[0]}\n"
             "Give --model_name_or_path a clip-roberta folder made by save_clip_roberta.py (config.json, "
@@ -111,11 +116,13 @@ class Split:
 
 
 def make_split(rows: SplitRows, tokenizer: Any, data_args: Any, *, image_size: int, cache_dir: str,
-               limit: int | None) -> Split:  # fmt: skip
+               limit: int | None, name: str = "data") -> Split:  # fmt: skip
     captions, paths = rows.columns["caption"], rows.columns["image_path"]
     if limit is not None:
         captions, paths = captions[:limit], paths[:limit]
     skipped = Counter(rows.skipped)
+    if not captions:  # stop here, with the reasons, rather than deep inside tokenisation
+        raise DataError(f"the {name} split has no usable rows (skipped: {dict(skipped)})")
     ds, unique, kept = build_dataset(
         captions,
         paths,
@@ -128,6 +135,9 @@ def make_split(rows: SplitRows, tokenizer: Any, data_args: Any, *, image_size: i
         overwrite_cache=data_args.overwrite_cache,
         skipped=skipped,
     )
+    if skipped:
+        logger.warning("%s: %d of %d rows kept; skipped: %s", name, len(ds), len(captions) + sum(rows.skipped.values()),
+                       ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))  # fmt: skip
     return Split(ds, unique, kept, skipped)
 
 
