@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STANDINS = Path(__file__).resolve().parent / "standins"
+S = 12800000.0  # the recipe's --loss_scale
+RECIPE = {"fp16": True, "bf16": False, "fp16_opt_level": "O2", "loss_scale": "12800000"}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -40,3 +44,15 @@ def run_py(args: list[str], timeout: int = 600, env: dict | None = None) -> subp
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+@pytest.fixture
+def standins(monkeypatch):
+    """Stand-in torch_npu / apex (tests/standins; no NPU exists here), importable for this test only."""
+    sys.path.insert(0, str(STANDINS.parent))
+    import standins
+
+    sys.path.remove(str(STANDINS.parent))
+    standins.install(monkeypatch)
+    yield
+    standins.uninstall()

@@ -3,32 +3,16 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import RECIPE, S
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from clip_train import backend
 from clip_train.apex_amp import BackendTrainerMixin
-
-STANDINS = Path(__file__).resolve().parent / "standins"
-S = 12800000.0
-RECIPE = {"fp16": True, "bf16": False, "fp16_opt_level": "O2", "loss_scale": "12800000"}
-
-
-@pytest.fixture
-def standins(monkeypatch):
-    """Stand-in torch_npu / apex (tests/standins), importable for this test only."""
-    sys.path.insert(0, str(STANDINS.parent))
-    import standins
-
-    sys.path.remove(str(STANDINS.parent))
-    standins.install(monkeypatch)
-    yield
-    standins.uninstall()
 
 
 class Tiny(nn.Module):

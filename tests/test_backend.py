@@ -11,27 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import RECIPE, S
 from torch import nn
 
 from clip_train import backend
 from clip_train.backend import APEX_OPTIMIZER, Plan, make_plan
-
-STANDINS = Path(__file__).resolve().parent / "standins"
-S = 12800000.0  # the recipe's --loss_scale
-RECIPE = {"fp16": True, "bf16": False, "fp16_opt_level": "O2", "loss_scale": "12800000"}
-
-
-@pytest.fixture
-def standins(monkeypatch):
-    """Stand-in torch_npu / apex (tests/standins; no NPU exists here), importable for this test only."""
-    sys.path.insert(0, str(STANDINS.parent))
-    import standins
-
-    sys.path.remove(str(STANDINS.parent))
-    standins.install(monkeypatch)
-    yield
-    standins.uninstall()
-
 
 # (family, flags, expected plan fields). Flags not given take make_plan's defaults.
 PLAN_TABLE = [
