@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> dict:
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     logger.info(backend.describe(plan))
+    feeding = data.feeding_defaults(
+        training_args, data.given_options(argv), accelerator=training_args.device.type != "cpu"
+    )
+    if feeding:
+        logger.info("DataLoader settings not given, chosen: %s", feeding)
     logger.info("world_size=%d rank=%d", training_args.world_size, training_args.process_index)
 
     resume_from = outputs.prepare_output_dir(training_args, recipe_args)
