@@ -226,8 +226,8 @@ def test_two_ranks_under_torchrun_build_the_cache_once(demo, tmp_path):
             "--model_name_or_path", model_dir, "--data_dir", data_dir, "--output_dir", str(tmp_path / "out"),
             "--do_train", "--max_steps", "1", "--per_device_train_batch_size", "4", "--report_to", "none",
             "--save_strategy", "no", "--image_cache_dir", cache, "--dataloader_num_workers", "0",
-            "--log_level", "info", "--log_level_replica", "info",
-            "--use_cpu"]  # fmt: skip  (without it, transformers 5 leaves CPU ranks undistributed)
+            "--log_level", "info", "--log_level_replica", "info", "--use_cpu"]  # fmt: skip
+    # (--use_cpu: without it, transformers 5 leaves CPU-only ranks undistributed: two independent runs.)
     r = run_py(args, timeout=300)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
