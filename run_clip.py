@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info(backend.describe(plan))
     for note in plan.notes:
         logger.warning(note)
+    feeding = data.feeding_defaults(
+        training_args, data.given_options(argv), accelerator=training_args.device.type != "cpu"
+    )
+    if feeding:
+        logger.info("DataLoader settings not given, chosen: %s", feeding)
     logger.info("world_size=%d rank=%d", training_args.world_size, training_args.process_index)
 
     checkpointing.settle_save_args(training_args)

@@ -42,8 +42,19 @@ def default_root() -> str:
     return os.environ.get("CLIP_DEMO_ROOT") or os.path.join(REPO, ".cache", "demo")
 
 
-def draw(colour: str, shape: str, bg: str, big: bool, rng: random.Random) -> Image.Image:
+def draw(
+    colour: str,
+    shape: str,
+    bg: str,
+    big: bool,
+    rng: random.Random,
+    size: tuple[int, int] | None = None,
+    grain: float = 0.0,
+) -> Image.Image:
+    """One shape on a plain background; ``size`` (w, h) fixes the picture size, ``grain`` adds photo-like noise."""
     w, h = rng.choice([(96, 72), (80, 96), (112, 84), (72, 72)])
+    if size is not None:
+        w, h = size
     img = Image.new("RGB", (w, h), BACKGROUNDS[bg])
     side = int(min(w, h) * (0.8 if big else 0.5))
     x0, y0 = rng.randint(0, w - side), rng.randint(0, h - side)
@@ -56,11 +67,37 @@ def draw(colour: str, shape: str, bg: str, big: bool, rng: random.Random) -> Ima
         d.rectangle(box, fill=fill)
     else:
         d.polygon([(x0 + side // 2, y0), (x0, y0 + side), (x0 + side, y0 + side)], fill=fill)
+    if grain > 0:
+        img = _add_grain(img, grain, rng.getrandbits(32))
     return img
 
 
-def write_coco(root: str, n_train: int, n_val: int, seed: int = 0) -> list[str]:
-    """train2017.zip, val2017.zip and annotations_trainval2017.zip in ``root``; returns all captions."""
+def _add_grain(img: Image.Image, grain: float, seed: int) -> Image.Image:
+    """Blotches plus per-pixel noise: flat drawings compress to a few KB and decode unrealistically fast, so
+    benchmarks use this to get photo-sized JPEGs (grain 10 at 640x480, quality 90: ~140 KB, COCO's are ~160 KB)."""
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    w, h = img.size
+    blotches = g.integers(0, 256, (max(1, h // 8), max(1, w // 8), 3), dtype=np.uint8)
+    blotches = np.asarray(Image.fromarray(blotches).resize((w, h), Image.BICUBIC), np.float32)
+    arr = 0.7 * np.asarray(img, np.float32) + 0.3 * blotches + g.normal(0.0, grain, (h, w, 1))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def write_coco(
+    root: str,
+    n_train: int,
+    n_val: int,
+    seed: int = 0,
+    image_size: tuple[int, int] | None = None,
+    grain: float = 0.0,
+) -> list[str]:
+    """train2017.zip, val2017.zip and annotations_trainval2017.zip in ``root``; returns all captions.
+
+    By default the pictures are small (72-112 px) and flat; ``image_size=(640, 480), grain=10`` gives
+    COCO-sized JPEGs with photo-like file sizes for benchmarks.
+    """
     rng = random.Random(seed)
     os.makedirs(root, exist_ok=True)
     captions_all: list[str] = []
@@ -72,7 +109,7 @@ def write_coco(root: str, n_train: int, n_val: int, seed: int = 0) -> list[str]:
             for _ in range(n):
                 c, s, b = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
                 big = rng.random() < 0.5
-                img = draw(c, s, b, big, rng)
+                img = draw(c, s, b, big, rng, image_size, grain)
                 name = f"{next_image:012d}.jpg"
                 buf = io.BytesIO()
                 img.save(buf, "JPEG", quality=90)
