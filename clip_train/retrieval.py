@@ -173,6 +173,8 @@ def gather_rows(local: torch.Tensor, n_total: int) -> torch.Tensor:
             raise ValueError(f"expected all {n_total} rows in a single process, got {local.shape[0]}")
         return local
     backend = str(dist.get_backend())
+    if backend == "undefined":  # a group made from a device map, e.g. "cpu:gloo,cuda:nccl"
+        backend = str(dist.get_backend_config())
     if local.device.type == "cpu" and "gloo" not in backend:
         raise ValueError(
             f"the {backend} process group cannot gather CPU tensors: call gather_rows(t.to(device), n).cpu()"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -10,8 +11,11 @@ from transformers import Trainer, TrainerCallback
 
 from .apex_amp import BackendTrainerMixin
 from .backend import synchronize
-from .evaluation import retrieval_eval
+from .data import ClipDataset
+from .evaluation import RetrievalSkipped, retrieval_eval
 from .loss import clip_loss
+
+logger = logging.getLogger(__name__)
 
 
 def normalize_pixels(
@@ -102,21 +106,35 @@ class ClipTrainer(BackendTrainerMixin, Trainer):
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
     ) -> dict:
-        """The in-batch eval loss (as the recipe), then retrieval recall over the whole validation split."""
+        """The in-batch eval loss (as the recipe), then retrieval recall over the whole validation split.
+
+        A model whose embeddings are NaN (diverged) gets an error in the log and no recall metrics, but the
+        run goes on: a long training run is not lost at an evaluation.
+        """
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if self.retrieval and ds is not None and len(ds):
-            start = time.perf_counter()
+        if not self.retrieval or ds is None or not len(ds):
+            return metrics
+        if not isinstance(ds, ClipDataset):
+            logger.warning(
+                "retrieval metrics need run_clip's ClipDataset, got %s: skipped", type(ds).__name__
+            )
+            return metrics
+        start = time.perf_counter()
+        try:
             with torch.no_grad(), self.accelerator.autocast():
                 found = retrieval_eval(
                     self.model, ds, pad_id=self.pad_id, batch_size=self.args.per_device_eval_batch_size,
                     device=self.args.device, rank=self.args.process_index, world=self.args.world_size,
                     pixels=self.pixels,
                 )  # fmt: skip
-            found = {f"{metric_key_prefix}_{k}": round(v, 4) for k, v in found.items()}
-            found[f"{metric_key_prefix}_retrieval_runtime"] = round(time.perf_counter() - start, 3)
-            self.log(found)
-            metrics.update(found)
+        except RetrievalSkipped as e:
+            logger.error("retrieval metrics skipped at step %d: %s", self.state.global_step, e)
+            return metrics
+        found = {f"{metric_key_prefix}_{k}": round(v, 4) for k, v in found.items()}
+        found[f"{metric_key_prefix}_retrieval_runtime"] = round(time.perf_counter() - start, 3)
+        self.log(found)
+        metrics.update(found)
         return metrics
 
     # --- throughput -------------------------------------------------------------------------------------------
