@@ -200,7 +200,9 @@ def feeding_defaults(training_args: Any, given: set[str], accelerator: bool) -> 
     """Set the DataLoader options the user did not give; returns what was changed.
 
     - pin_memory only with an accelerator (on CPU it is wasted work and a warning), there with non-blocking copies;
-    - persistent workers: no re-forking of the loader workers at every epoch and evaluation;
+    - persistent workers stay off (the user may turn them on): with them, a run resumed mid-epoch does not see
+      the batches an uninterrupted run sees (measured by tests/test_resume.py), and the fork they save is cheap
+      here because a worker only holds the memory-mapped image cache;
     - with an accelerator, a few workers (up to 4 per rank) and a deeper prefetch (4 batches), to ride out jitter.
     On CPU the worker count stays the user's: there the workers share the cores with the model.
     """
@@ -215,10 +217,8 @@ def feeding_defaults(training_args: Any, given: set[str], accelerator: bool) -> 
         per_rank = available_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         choose("dataloader_num_workers", min(4, max(1, per_rank - 1)))
     choose("dataloader_pin_memory", accelerator)
-    if training_args.dataloader_num_workers > 0:
-        choose("dataloader_persistent_workers", True)
-        if accelerator:
-            choose("dataloader_prefetch_factor", 4)
+    if training_args.dataloader_num_workers > 0 and accelerator:
+        choose("dataloader_prefetch_factor", 4)
     config = training_args.accelerator_config
     if (
         accelerator
