@@ -71,7 +71,10 @@ def kill_all(p: subprocess.Popen) -> None:
     below = psutil.Process(p.pid).children(recursive=True)
     p.send_signal(signal.SIGKILL)
     for proc in below:
-        proc.send_signal(signal.SIGKILL)
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:  # a loader worker that ended between the listing and the kill
+            pass
     p.wait(timeout=60)  # reaped here, not by psutil, so that Popen keeps the exit status
     psutil.wait_procs(below, timeout=60)
 
