@@ -31,24 +31,10 @@ from clip_train.trainer import normalize_pixels
 ENV = {"OMP_NUM_THREADS": "1"}
 # Settings that learn on the demo within seconds: 300 steps at batch 32 (12 epochs of 800 rows), lr 2e-3
 # after a 20-step warm-up, cosine decay. Plain lr 1e-3 without warm-up barely moves the loss in 60 steps.
-TRAIN = [
-    "--do_train",
-    "--max_steps",
-    "300",
-    "--per_device_train_batch_size",
-    "32",
-    "--learning_rate",
-    "2e-3",
-    "--warmup_steps",
-    "20",
-    "--lr_scheduler_type",
-    "cosine",
-    "--logging_steps",
-    "50",
-    "--save_strategy",
-    "no",
-    "--eval_on_start",
-]
+TRAIN = (
+    "--do_train --max_steps 300 --per_device_train_batch_size 32 --learning_rate 2e-3 --warmup_steps 20 "
+    "--lr_scheduler_type cosine --logging_steps 50 --save_strategy no --eval_on_start"
+).split()
 N_IMAGES, N_CAPTIONS = 40, 200  # the demo fixture's val split: 5 captions per image
 RECALL_KEYS = [
     f"eval_{d}_{m}"
@@ -69,23 +55,9 @@ CHANCE_I2T_R5 = chance_recall(N_CAPTIONS, N_CAPTIONS // N_IMAGES, 5)  # 12.0%
 
 
 def eval_args(data_dir: str, model_dir: str, out: str, *extra: str) -> list[str]:
-    return [
-        "run_clip.py",
-        "--output_dir",
-        out,
-        "--model_name_or_path",
-        model_dir,
-        "--data_dir",
-        data_dir,
-        "--do_eval",
-        "--per_device_eval_batch_size",
-        "64",
-        "--dataloader_num_workers",
-        "0",
-        "--report_to",
-        "none",
-        *extra,
-    ]
+    fixed = "--do_eval --per_device_eval_batch_size 64 --dataloader_num_workers 0 --report_to none".split()
+    return ["run_clip.py", "--output_dir", out, "--model_name_or_path", model_dir, "--data_dir", data_dir,
+            *fixed, *extra]  # fmt: skip
 
 
 def results(out: str) -> dict:
@@ -211,19 +183,15 @@ def _val(
     return ds
 
 
+# The demo's image processor: CLIP's mean and std.
+MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+
 def _evaluate(model, ds) -> dict:
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-    return retrieval_eval(
-        model,
-        ds,
-        pad_id=1,
-        batch_size=16,
-        device=torch.device("cpu"),
-        rank=0,
-        world=1,
-        pixels=lambda x: normalize_pixels(x, mean, std),
-    )
+    cpu = torch.device("cpu")
+    return retrieval_eval(model, ds, pad_id=1, batch_size=16, device=cpu, rank=0, world=1,
+                          pixels=lambda x: normalize_pixels(x, MEAN, STD))  # fmt: skip
 
 
 def test_undecodable_images_and_a_limited_split(trained, tmp_path, caplog):
@@ -236,21 +204,17 @@ def test_undecodable_images_and_a_limited_split(trained, tmp_path, caplog):
     on_the_fly = _evaluate(model, _val(data_dir, out, str(tmp_path), use_cache=False, bad=3))
     cached = _evaluate(model, _val(data_dir, out, str(tmp_path), use_cache=True, bad=3))
     assert on_the_fly == cached
-    assert (on_the_fly["retrieval_images"], on_the_fly["retrieval_captions"]) == (
-        N_IMAGES - 1,
-        N_CAPTIONS - 5,
-    )
+    covered = (on_the_fly["retrieval_images"], on_the_fly["retrieval_captions"])
+    assert covered == (N_IMAGES - 1, N_CAPTIONS - 5)
     assert "1 of 40 validation images could not be decoded" in caplog.text
 
     # --max_eval_samples 37 keeps the first 37 caption rows: 8 images, the last with 2 captions. Checked
-    # against every image and caption embedded alone, by the model's own methods.
+    # against the model's own methods: the 8 images in one batch, every caption alone, none deduplicated.
     ds = _val(data_dir, out, str(tmp_path), use_cache=True, limit=37)
     got = _evaluate(model, ds)
     assert (got["retrieval_images"], got["retrieval_captions"]) == (8, 37)
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
     with torch.no_grad():
-        pixels = normalize_pixels(torch.from_numpy(np.stack([ds.images[i] for i in range(8)])), mean, std)
+        pixels = normalize_pixels(torch.from_numpy(np.stack([ds.images[i] for i in range(8)])), MEAN, STD)
         images = model.get_image_features(pixel_values=pixels).pooler_output
         texts = torch.cat(
             [
@@ -278,26 +242,9 @@ def test_a_diverged_model_logs_an_error_and_training_goes_on(demo, tmp_path):
     weights["visual_projection.weight"] = torch.full_like(weights["visual_projection.weight"], float("nan"))
     save_file(weights, os.path.join(nan_dir, "model.safetensors"), metadata={"format": "pt"})
     out = str(tmp_path / "out")
-    args = eval_args(
-        data_dir,
-        nan_dir,
-        out,
-        "--do_train",
-        "--max_steps",
-        "4",
-        "--eval_strategy",
-        "steps",
-        "--eval_steps",
-        "2",
-        "--per_device_train_batch_size",
-        "16",
-        "--max_train_samples",
-        "64",
-        "--logging_steps",
-        "1",
-        "--save_strategy",
-        "no",
-    )
+    steps = "--do_train --max_steps 4 --eval_strategy steps --eval_steps 2 --per_device_train_batch_size 16 "
+    steps += "--max_train_samples 64 --logging_steps 1 --save_strategy no"
+    args = eval_args(data_dir, nan_dir, out, *steps.split())
     r = run_py(args, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     log = r.stdout + r.stderr
