@@ -60,12 +60,26 @@ def full_size_model(tiny_dir: str, out: str) -> str:
     )
 
     config = VisionTextDualEncoderConfig.from_vision_text_configs(
-        CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                         image_size=224, patch_size=32),
-        RobertaConfig(vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                      intermediate_size=3072, max_position_embeddings=514, type_vocab_size=1, pad_token_id=1),
+        CLIPVisionConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=32,
+        ),
+        RobertaConfig(
+            vocab_size=50265,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            max_position_embeddings=514,
+            type_vocab_size=1,
+            pad_token_id=1,
+        ),
         projection_dim=512,
-    )  # fmt: skip
+    )
     VisionTextDualEncoderModel(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(out)
     CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
@@ -124,19 +138,42 @@ def measure(model_dir: str, data_dir: str, args: argparse.Namespace, work: str) 
     for split, limit in (("train", None), ("validation", args.val_rows)):
         rows = load_coco_split(data_dir, split)
         caps, paths = rows.columns["caption"][:limit], rows.columns["image_path"][:limit]
-        splits[split], _, _ = build_dataset(caps, paths, tokenizer, image_size=size, max_len=128, use_cache=True,
-                                            cache_dir=os.path.join(work, "cache"), num_proc=1,
-                                            overwrite_cache=False, skipped=Counter())  # fmt: skip
+        splits[split], _, _ = build_dataset(
+            caps,
+            paths,
+            tokenizer,
+            image_size=size,
+            max_len=128,
+            use_cache=True,
+            cache_dir=os.path.join(work, "cache"),
+            num_proc=1,
+            overwrite_cache=False,
+            skipped=Counter(),
+        )
     targs = TrainingArguments(
-        output_dir=os.path.join(work, "out"), per_device_train_batch_size=args.train_batch,
-        per_device_eval_batch_size=args.eval_batch, max_steps=args.skip + args.steps, learning_rate=5e-5,
-        report_to="none", save_strategy="no", logging_steps=10_000, dataloader_num_workers=0,
-        dataloader_drop_last=True, disable_tqdm=True,
-    )  # fmt: skip
-    trainer = ClipTrainer(model=model, args=targs, train_dataset=splits["train"],
-                          eval_dataset=splits["validation"], data_collator=Collator(tokenizer.pad_token_id, 128),
-                          image_mean=processor.image_mean, image_std=processor.image_std, skip_steps=args.skip,
-                          pad_id=tokenizer.pad_token_id)  # fmt: skip
+        output_dir=os.path.join(work, "out"),
+        per_device_train_batch_size=args.train_batch,
+        per_device_eval_batch_size=args.eval_batch,
+        max_steps=args.skip + args.steps,
+        learning_rate=5e-5,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10_000,
+        dataloader_num_workers=0,
+        dataloader_drop_last=True,
+        disable_tqdm=True,
+    )
+    trainer = ClipTrainer(
+        model=model,
+        args=targs,
+        train_dataset=splits["train"],
+        eval_dataset=splits["validation"],
+        data_collator=Collator(tokenizer.pad_token_id, 128),
+        image_mean=processor.image_mean,
+        image_std=processor.image_std,
+        skip_steps=args.skip,
+        pad_id=tokenizer.pad_token_id,
+    )
     clock: dict[str, float] = {}
     trainer.add_callback(_StepTimer(args.skip, clock))
     trainer.train()
@@ -174,7 +211,8 @@ def coco_table(name: str, m: dict[str, float]) -> list[str]:
         return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.1f} s"
 
     return [
-        f"| {name} ({m['params_M']:.1f} M) | {m['train_sps']:.1f} | {m['loss_rps']:.1f} | {m['images_ps']:.1f} / "
+        f"| {name} ({m['params_M']:.1f} M) | {m['train_sps']:.1f} | {m['loss_rps']:.1f} | "
+        f"{m['images_ps']:.1f} / "
         f"{m['captions_ps']:.1f} | {m['rank_s']:.1f} s | {hm(epoch)} | {hm(loss)} + {hm(embed)} + "
         f"{hm(m['rank_s'])} = {hm(total)} | {100 * total / epoch:.2f}% |"
     ]
@@ -191,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="cpu: process CPU time (1 thread)")
     args = p.parse_args(argv)
+    unknown = set(args.models.split(",")) - {"tiny", "full"}
+    if unknown:
+        p.error(f"--models: unknown {sorted(unknown)}; choose from tiny, full")
     global now
     now = CLOCKS[args.clock]
     if args.threads:
@@ -206,11 +247,16 @@ def main(argv: list[str] | None = None) -> int:
             m = measure(model_dir, data_dir, args, os.path.join(work, name))
             print(f"{name}: {m}", flush=True)
             rows += coco_table(name, m)
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {args.clock} clock; "
-          f"train batch {args.train_batch}, eval batch {args.eval_batch}; COCO 2017: train epoch "
-          f"{COCO_TRAIN_ROWS:,} rows, val {COCO_VAL_IMAGES:,} images / {COCO_VAL_ROWS:,} captions\n")  # fmt: skip
-    print("| model | train samples/s | eval-loss rows/s | retrieval images/s / captions/s | rank step (COCO) "
-          "| COCO train epoch | COCO eval: loss + embed + rank | eval / epoch |")  # fmt: skip
+    print(
+        f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"{args.clock} clock; "
+        f"train batch {args.train_batch}, eval batch {args.eval_batch}; COCO 2017: train epoch "
+        f"{COCO_TRAIN_ROWS:,} rows, val {COCO_VAL_IMAGES:,} images / {COCO_VAL_ROWS:,} captions\n"
+    )
+    print(
+        "| model | train samples/s | eval-loss rows/s | retrieval images/s / captions/s | rank step (COCO) "
+        "| COCO train epoch | COCO eval: loss + embed + rank | eval / epoch |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     return 0

@@ -3,9 +3,10 @@ sharded over ranks and gathered, then R@K both ways (see retrieval.py for the pr
 
 Every batch the model sees here has a fixed shape: ``batch_size`` rows (a short last batch repeats its first
 row) and, for captions, a width set by the caption's own length (captions are sorted by length and batched
-within one width). A row's embedding then does not depend on which rows share its batch, so 1 or N ranks and
-any split of the work give bit-identical embeddings and the same metrics. Identical captions (same token ids)
-are embedded once, so they tie exactly and the tie counts against the model.
+within one width). A row's embedding then does not depend on which rows share its batch wherever kernels
+depend only on shapes (so on CPU; checked by the tests): 1 or N ranks give bit-identical embeddings and the
+same metrics. Identical captions (same token ids) are embedded once, so they tie exactly and the tie counts
+against the model. Ranks take every world-th caption of the length order, so each gets short and long ones.
 
 Images that fail to decode (the on-the-fly path returns None) are left out together with their captions, as
 the image cache leaves out the rows of bad images; the metrics say how many images and captions they cover.
@@ -103,12 +104,12 @@ def retrieval_eval(
 
     uniq, caption_to_uniq = unique_captions(ds)
     order = np.argsort(np.fromiter((len(x) for x in uniq), np.int64, len(uniq)), kind="stable")
-    txt_rows = shard_indices(len(uniq), rank, world)
+    # Every world-th caption of the length order: each rank gets short and long ones alike.
+    dealt = [order[r::world] for r in range(world)]
     real: list[int] = []
 
     def text_batches() -> Iterator[dict[str, torch.Tensor]]:
-        shard = [uniq[u] for u in order[txt_rows.start : txt_rows.stop]]
-        for rows, n, width in _caption_batches(shard, batch_size):
+        for rows, n, width in _caption_batches([uniq[u] for u in dealt[rank]], batch_size):
             real.append(n)
             input_ids, mask = pad_captions(rows, pad_id, width)
             yield {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
@@ -124,7 +125,7 @@ def retrieval_eval(
         ok = gather_rows(ok.to(device), len(used)).cpu()
         texts = gather_rows(texts.to(device), len(uniq)).cpu()
     by_uniq = torch.empty_like(texts)
-    by_uniq[torch.from_numpy(order)] = texts
+    by_uniq[torch.from_numpy(np.concatenate(dealt) if world > 1 else order)] = texts
     images, texts = local, by_uniq[torch.from_numpy(caption_to_uniq)]
     t2i = torch.from_numpy(text_to_image.astype(np.int64))
 
@@ -133,8 +134,10 @@ def retrieval_eval(
         keep = ok[t2i]
         logger.warning(
             "retrieval: %d of %d validation images could not be decoded; left out with their %d captions",
-            int((~ok).sum()), len(ok), int((~keep).sum()),
-        )  # fmt: skip
+            int((~ok).sum()),
+            len(ok),
+            int((~keep).sum()),
+        )
         new_index = torch.cumsum(ok.long(), 0) - 1
         images, texts, t2i = images[ok], texts[keep], new_index[t2i[keep]]
     if images.shape[0] == 0:

@@ -17,7 +17,7 @@ from math import comb
 import numpy as np
 import pytest
 import torch
-from conftest import run_py
+from conftest import REPO, run_py
 from safetensors.torch import load_file, save_file
 
 from clip_train.coco import load_coco_split
@@ -31,12 +31,16 @@ from clip_train.trainer import normalize_pixels
 ENV = {"OMP_NUM_THREADS": "1"}
 # Settings that learn on the demo within seconds: 300 steps at batch 32 (12 epochs of 800 rows), lr 2e-3
 # after a 20-step warm-up, cosine decay. Plain lr 1e-3 without warm-up barely moves the loss in 60 steps.
-TRAIN = ["--do_train", "--max_steps", "300", "--per_device_train_batch_size", "32", "--learning_rate", "2e-3",
-         "--warmup_steps", "20", "--lr_scheduler_type", "cosine", "--logging_steps", "50", "--save_strategy", "no",
-         "--eval_on_start"]  # fmt: skip
+TRAIN = (
+    "--do_train --max_steps 300 --per_device_train_batch_size 32 --learning_rate 2e-3 --warmup_steps 20 "
+    "--lr_scheduler_type cosine --logging_steps 50 --save_strategy no --eval_on_start"
+).split()
 N_IMAGES, N_CAPTIONS = 40, 200  # the demo fixture's val split: 5 captions per image
-RECALL_KEYS = [f"eval_{d}_{m}" for d in ("image_to_text", "text_to_image")
-               for m in ("R@1", "R@5", "R@10", "mean_rank", "median_rank")]  # fmt: skip
+RECALL_KEYS = [
+    f"eval_{d}_{m}"
+    for d in ("image_to_text", "text_to_image")
+    for m in ("R@1", "R@5", "R@10", "mean_rank", "median_rank")
+]
 
 
 def chance_recall(candidates: int, positives: int, k: int) -> float:
@@ -47,12 +51,13 @@ def chance_recall(candidates: int, positives: int, k: int) -> float:
 # image->text: 5 of the 200 captions are right; text->image: 1 of the 40 images. Both 2.5% at R@1.
 CHANCE_I2T_R1 = chance_recall(N_CAPTIONS, N_CAPTIONS // N_IMAGES, 1)
 CHANCE_T2I_R1 = chance_recall(N_IMAGES, 1, 1)
+CHANCE_I2T_R5 = chance_recall(N_CAPTIONS, N_CAPTIONS // N_IMAGES, 5)  # 12.0%
 
 
 def eval_args(data_dir: str, model_dir: str, out: str, *extra: str) -> list[str]:
+    fixed = "--do_eval --per_device_eval_batch_size 64 --dataloader_num_workers 0 --report_to none".split()
     return ["run_clip.py", "--output_dir", out, "--model_name_or_path", model_dir, "--data_dir", data_dir,
-            "--do_eval", "--per_device_eval_batch_size", "64", "--dataloader_num_workers", "0",
-            "--report_to", "none", *extra]  # fmt: skip
+            *fixed, *extra]  # fmt: skip
 
 
 def results(out: str) -> dict:
@@ -76,10 +81,13 @@ def trained(demo, tmp_path_factory):
     return data_dir, out, r.stdout + r.stderr
 
 
-def evals(out: str) -> list[dict]:
+def history(out: str) -> list[dict]:
     with open(os.path.join(out, "trainer_state.json")) as f:
-        history = json.load(f)["log_history"]
-    return [h for h in history if "eval_image_to_text_R@1" in h]
+        return json.load(f)["log_history"]
+
+
+def evals(out: str) -> list[dict]:
+    return [h for h in history(out) if "eval_image_to_text_R@1" in h]
 
 
 def test_training_beats_chance_and_the_untrained_model_does_not(trained):
@@ -89,14 +97,19 @@ def test_training_beats_chance_and_the_untrained_model_does_not(trained):
     for e in (before, after):
         assert (e["eval_retrieval_images"], e["eval_retrieval_captions"]) == (N_IMAGES, N_CAPTIONS)
     assert CHANCE_I2T_R1 == pytest.approx(2.5) and CHANCE_T2I_R1 == pytest.approx(2.5)
-    # Margins (README): trained R@1 >= 6x chance text->image, >= 3x image->text, >= 5x on their mean;
-    # untrained <= 4x chance each way and <= 2.5x on the mean. Seen over 6 fresh demo models: trained
-    # 10-20% / 21-31% (mean 17-25%), untrained 0-7.5% / 2.5%.
+    # Margins (README), seen over 18 fresh demo models (about 10 s of training each): trained text->image
+    # R@1 19.5-32.5% (>= 6x chance asserted), the mean of both R@1 13.75-25.5% (>= 4x), image->text R@1
+    # 7.5-20% (>= 2x) and R@5 55-87.5% (12 models; >= 3x chance). Untrained: text->image always 2.5% (its
+    # captions agree to a cosine of 0.9999: every caption picks the same image), image->text 0-7.5%.
+    # Image->text R@1 is the weak signal on this data: 12 of the 40 val images have no caption text of their
+    # own (each of theirs is word for word another val image's too), and identical captions tie against
+    # the model.
     i2t, t2i = after["eval_image_to_text_R@1"], after["eval_text_to_image_R@1"]
-    assert t2i >= 6 * CHANCE_T2I_R1 and i2t >= 3 * CHANCE_I2T_R1, (i2t, t2i)
-    assert (i2t + t2i) / 2 >= 5 * CHANCE_I2T_R1, (i2t, t2i)
+    seen = (recall(after), [round(h["loss"], 3) for h in history(out) if "loss" in h])
+    assert t2i >= 6 * CHANCE_T2I_R1 and (i2t + t2i) / 2 >= 4 * CHANCE_I2T_R1, seen
+    assert i2t >= 2 * CHANCE_I2T_R1 and after["eval_image_to_text_R@5"] >= 3 * CHANCE_I2T_R5, seen
     i2t0, t2i0 = before["eval_image_to_text_R@1"], before["eval_text_to_image_R@1"]
-    assert t2i0 <= 4 * CHANCE_T2I_R1 and i2t0 <= 4 * CHANCE_I2T_R1, (i2t0, t2i0)
+    assert t2i0 <= 2 * CHANCE_T2I_R1 and i2t0 <= 4 * CHANCE_I2T_R1, (i2t0, t2i0)
     assert (i2t0 + t2i0) / 2 <= 2.5 * CHANCE_I2T_R1, (i2t0, t2i0)
     # Every evaluation prints the recall metrics; the final ones reach all_results.json.
     assert log.count("eval_image_to_text_R@1") >= 2 and "eval_text_to_image_R@10" in log
@@ -155,17 +168,30 @@ def _val(
             f.write(b"\xff\xd8\xff\xe0 not a jpeg")
         target = sorted(set(paths), key=paths.index)[bad]
         paths = [broken if p == target else p for p in paths]
-    ds, _, _ = build_dataset(captions, paths, AutoTokenizer.from_pretrained(out), image_size=64, max_len=128,
-                             use_cache=use_cache, cache_dir=cache_dir, num_proc=1, overwrite_cache=False,
-                             skipped=Counter())  # fmt: skip
+    ds, _, _ = build_dataset(
+        captions,
+        paths,
+        AutoTokenizer.from_pretrained(out),
+        image_size=64,
+        max_len=128,
+        use_cache=use_cache,
+        cache_dir=cache_dir,
+        num_proc=1,
+        overwrite_cache=False,
+        skipped=Counter(),
+    )
     return ds
 
 
+# The demo's image processor: CLIP's mean and std.
+MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+
 def _evaluate(model, ds) -> dict:
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-    return retrieval_eval(model, ds, pad_id=1, batch_size=16, device=torch.device("cpu"), rank=0, world=1,
-                          pixels=lambda x: normalize_pixels(x, mean, std))  # fmt: skip
+    cpu = torch.device("cpu")
+    return retrieval_eval(model, ds, pad_id=1, batch_size=16, device=cpu, rank=0, world=1,
+                          pixels=lambda x: normalize_pixels(x, MEAN, STD))  # fmt: skip
 
 
 def test_undecodable_images_and_a_limited_split(trained, tmp_path, caplog):
@@ -178,28 +204,31 @@ def test_undecodable_images_and_a_limited_split(trained, tmp_path, caplog):
     on_the_fly = _evaluate(model, _val(data_dir, out, str(tmp_path), use_cache=False, bad=3))
     cached = _evaluate(model, _val(data_dir, out, str(tmp_path), use_cache=True, bad=3))
     assert on_the_fly == cached
-    assert (on_the_fly["retrieval_images"], on_the_fly["retrieval_captions"]) == (
-        N_IMAGES - 1,
-        N_CAPTIONS - 5,
-    )
+    covered = (on_the_fly["retrieval_images"], on_the_fly["retrieval_captions"])
+    assert covered == (N_IMAGES - 1, N_CAPTIONS - 5)
     assert "1 of 40 validation images could not be decoded" in caplog.text
 
     # --max_eval_samples 37 keeps the first 37 caption rows: 8 images, the last with 2 captions. Checked
-    # against every image and caption embedded alone, by the model's own methods.
+    # against the model's own methods: the 8 images in one batch, every caption alone, none deduplicated.
     ds = _val(data_dir, out, str(tmp_path), use_cache=True, limit=37)
     got = _evaluate(model, ds)
     assert (got["retrieval_images"], got["retrieval_captions"]) == (8, 37)
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
     with torch.no_grad():
-        pixels = normalize_pixels(torch.from_numpy(np.stack([ds.images[i] for i in range(8)])), mean, std)
+        pixels = normalize_pixels(torch.from_numpy(np.stack([ds.images[i] for i in range(8)])), MEAN, STD)
         images = model.get_image_features(pixel_values=pixels).pooler_output
-        texts = torch.cat([
-            model.get_text_features(input_ids=torch.from_numpy(ds[i]["input_ids"].astype(np.int64))[None]).pooler_output
-            for i in range(37)
-        ])  # fmt: skip
-    want = retrieval_metrics(torch.nn.functional.normalize(images, dim=-1),
-                             torch.nn.functional.normalize(texts, dim=-1), torch.from_numpy(ds.image_index))  # fmt: skip
+        texts = torch.cat(
+            [
+                model.get_text_features(
+                    input_ids=torch.from_numpy(ds[i]["input_ids"].astype(np.int64))[None]
+                ).pooler_output
+                for i in range(37)
+            ]
+        )
+    want = retrieval_metrics(
+        torch.nn.functional.normalize(images, dim=-1),
+        torch.nn.functional.normalize(texts, dim=-1),
+        torch.from_numpy(ds.image_index),
+    )
     assert {k: round(v, 6) for k, v in want.items()} == {k: round(got[k], 6) for k in want}
     # Identical captions are embedded once, so they tie exactly (and the tie counts against the model).
     assert len(unique_captions(_val(data_dir, out, str(tmp_path), use_cache=True))[0]) == 108
@@ -213,15 +242,52 @@ def test_a_diverged_model_logs_an_error_and_training_goes_on(demo, tmp_path):
     weights["visual_projection.weight"] = torch.full_like(weights["visual_projection.weight"], float("nan"))
     save_file(weights, os.path.join(nan_dir, "model.safetensors"), metadata={"format": "pt"})
     out = str(tmp_path / "out")
-    args = eval_args(data_dir, nan_dir, out, "--do_train", "--max_steps", "4", "--eval_strategy", "steps",
-                     "--eval_steps", "2", "--per_device_train_batch_size", "16", "--max_train_samples", "64",
-                     "--logging_steps", "1", "--save_strategy", "no")  # fmt: skip
+    steps = "--do_train --max_steps 4 --eval_strategy steps --eval_steps 2 --per_device_train_batch_size 16 "
+    steps += "--max_train_samples 64 --logging_steps 1 --save_strategy no"
+    args = eval_args(data_dir, nan_dir, out, *steps.split())
     r = run_py(args, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     log = r.stdout + r.stderr
     assert log.count("retrieval metrics skipped at step") == 3, log[-3000:]  # steps 2, 4 and the final eval
     assert "embeddings are NaN, inf or zero: the model has diverged" in log
-    with open(os.path.join(out, "trainer_state.json")) as f:
-        history = json.load(f)["log_history"]
-    assert max(h["step"] for h in history if "loss" in h) == 4  # training went past the failed evaluations
+    # Training went past the failed evaluations.
+    assert max(h["step"] for h in history(out) if "loss" in h) == 4
     assert "eval_loss" in results(out) and not any("R@" in k for k in results(out))
+
+
+GATHER_ON_DEVICE_MAP_GROUP = """
+import sys, torch, torch.distributed as dist
+from clip_train.retrieval import gather_rows
+rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+# No backend named (what accelerate does under torchrun on CPU without --ddp_backend): torch maps each
+# device to a backend, get_backend() says "undefined", and CPU tensors must still gather over gloo.
+dist.init_process_group(init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+assert dist.get_backend() == "undefined", dist.get_backend()
+torch.save(gather_rows(torch.full((rank + 1, 2), float(rank)), 3), f"{out}/rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_gather_rows_on_a_device_map_process_group(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Plain interpreters that import only torch and retrieval.py: much faster to start than spawn's re-import.
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", GATHER_ON_DEVICE_MAP_GROUP, str(r), str(port), str(tmp_path)],
+            cwd=REPO,
+            env={**os.environ, **ENV},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    for rank in range(2):
+        assert torch.load(tmp_path / f"rank{rank}.pt").tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
