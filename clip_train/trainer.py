@@ -113,8 +113,8 @@ class ClipTrainer(BackendTrainerMixin, Trainer):
         """
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if not self.retrieval or ds is None or not len(ds):
-            return metrics
+        if not self.retrieval or ds is None or isinstance(ds, dict) or not len(ds):
+            return metrics  # (a dict of eval sets: super() called evaluate on each)
         if not isinstance(ds, ClipDataset):
             logger.warning(
                 "retrieval metrics need run_clip's ClipDataset, got %s: skipped", type(ds).__name__
