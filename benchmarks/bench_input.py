@@ -8,7 +8,8 @@ Prints a markdown table:
   (a) images/s of the cold decoded-image cache build vs the on-the-fly decode path (same worker count);
   (b) train samples/s of run_clip.py: tiny clip-roberta (image 224) for 2 epochs, and full-size random-init
       clip-roberta shapes (ViT-B/32 + roberta-base) for a few steps, batch 64, fast path vs reference mode
-      (``--image_cache False --pad_to_max_length``, the upstream pipeline's work);
+      (``--image_cache False --pad_to_max_length``: every image decoded per caption and every caption padded to
+      128, as upstream; the rest of the input path is shared, see benchmarks/README.md);
   (c) the peak memory of each run's whole process tree (main process + loader workers), sampled every 0.2 s.
 
 Each configuration is a subprocess of run_clip.py; its figures come from the run's all_results.json.
@@ -38,6 +39,8 @@ from clip_train.data import image_table  # noqa: E402
 
 IMAGE_SIZE = 224
 REFERENCE = ["--image_cache", "False", "--pad_to_max_length"]
+# --breakdown: each half of the fast path on its own (tiny model).
+HALVES = [("cache only", ["--pad_to_max_length"]), ("padding only", ["--image_cache", "False"])]
 
 
 # --- data and models, made once ---------------------------------------------------------------------------------
@@ -250,13 +253,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference-epochs", type=float, default=0.5,
                    help="epochs of the tiny model, reference mode (it has no state across epochs: its rate is "
                         "the same over 2 epochs, only slower to measure)")  # fmt: skip
-    p.add_argument("--full-steps", type=int, default=3, help="steps of the full-size runs (first is skipped)")
+    p.add_argument(
+        "--full-steps", type=int, default=2, help="steps of the full-size runs (the first is not timed)"
+    )
     p.add_argument("--models", default="tiny,full-size", help="which of tiny,full-size to train")
     p.add_argument("--tiny-threads", type=int, default=1,
                    help="torch threads of the tiny runs (0: torch's default, one per core). On a shared machine two "
                         "threads of tiny ops wait on each other whenever either is descheduled: step times swing "
                         "10x with other jobs' load, in both modes; one thread keeps the comparison stable")  # fmt: skip
     p.add_argument("--only", choices=["fast", "reference"], help="run only one mode (for profiling)")
+    p.add_argument(
+        "--breakdown", action="store_true", help="also the tiny model with the cache or padding only"
+    )
     a = p.parse_args(argv)
     paths = prepare(a.root, a.images)
     cache_dir = os.path.join(a.root, "cache")
@@ -265,9 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(a) {dec['images']} images, {a.workers} processes: cold cache build {dec['build']:.0f} img/s, "
           f"on the fly {dec['fly']:.0f} img/s (load {load()})", flush=True)  # fmt: skip
 
+    short = ["--num_train_epochs", str(a.reference_epochs)]
     tiny = {
         "fast": ["--num_train_epochs", str(a.epochs)],
-        "reference": ["--num_train_epochs", str(a.reference_epochs)],
+        "reference": short,
+        **{h: short for h, _ in HALVES},
     }
     full = ["--max_steps", str(a.full_steps), "--skip_steps", "1"]
     configs = [("tiny", paths["tiny"], tiny), ("full-size", paths["full"], {"fast": full, "reference": full})]
@@ -276,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     for model, model_dir, length in configs:
         if model not in a.models.split(","):
             continue
-        for mode, flags in modes:
+        for mode, flags in modes + (HALVES if a.breakdown and model == "tiny" else []):
             out = tempfile.mkdtemp(prefix=f"{model}-{mode}-", dir=a.root)
             args = train_args(paths["coco"], model_dir, out, cache_dir, a.workers, length[mode] + flags)
             before = load()
@@ -291,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             r["length"] = f"{r['epoch']:.2g} epochs" if model == "tiny" else f"{r['steps']} steps"
             r["length"] += f", {threads.get('OMP_NUM_THREADS', 'default')} thread(s)"
             rows.append((model, mode, r))
-            print(f"    {model:9s} {mode:9s}: {r['train_samples_per_second']:8.2f} samples/s, peak RSS "
+            print(f"    {model:9s} {mode:12s}: {r['train_samples_per_second']:8.2f} samples/s, peak RSS "
                   f"{r['peak_rss'] / 2**30:.2f} GiB (load {r['load']})", flush=True)  # fmt: skip
     print_table(rows, dec, a.workers)
     return 0
@@ -310,9 +320,9 @@ def print_table(rows: list[tuple], dec: dict, workers: int) -> None:
         print(f"| {model} | {mode} | {r['length']} | {fps:.2f} | {up} | {e2e:.2f} | {up_e2e} | "
               f"{r['peak_rss'] / 2**30:.2f} | {r['peak_pss'] / 2**30:.2f} | {r['load']} |")  # fmt: skip
     print(f"\n(a) {dec['images']} COCO-sized JPEGs, {workers} processes: cold cache build {dec['build']:.0f} "
-          f"images/s; on-the-fly decode {dec['fly']:.0f} images/s. The cache decodes each image once per run "
-          f"(then never again while the data and image size stay); the on-the-fly path decodes it once per "
-          f"caption per epoch: {5 * 2 * dec['images']} decodes for 2 epochs of 5 captions an image.")  # fmt: skip
+          f"images/s; on-the-fly decode {dec['fly']:.0f} images/s. The cache decodes each image once, then every "
+          f"epoch, run and rank reuses it; the on-the-fly path decodes it once per caption per epoch: "
+          f"{5 * 2 * dec['images']} decodes for 2 epochs of 5 captions an image.")  # fmt: skip
 
 
 if __name__ == "__main__":
