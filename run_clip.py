@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
         metrics.update(skipped["validation"])
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+        if training_args.do_train:
+            trainer.save_state()  # trainer_state.json then holds the final evaluation too
         results.update(metrics)
     if trainer.is_world_process_zero():
         save_plots(trainer.state.log_history, training_args.output_dir)
