@@ -27,9 +27,8 @@ def test_recipe_command_line_trains_evaluates_and_saves(demo, tmp_path):
         data_dir, model_dir, out, "--max_steps", "60", "--logging_steps", "10", "--learning_rate=1e-3"
     )
     args[args.index("--per_device_train_batch_size=16")] = "--per_device_train_batch_size=32"
-    args[args.index("--warmup_steps=0")] = (
-        "--warmup_steps=10"  # random-init towers: warm up, then a large step
-    )
+    # random-init towers: warm up, then a large step
+    args[args.index("--warmup_steps=0")] = "--warmup_steps=10"
     r = run_py(args)
     assert r.returncode == 0, r.stderr[-3000:]
     log = r.stdout + r.stderr
