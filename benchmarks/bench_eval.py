@@ -59,41 +59,9 @@ now = time.perf_counter
 
 def full_size_model(tiny_dir: str, out: str) -> str:
     """A clip-roberta folder with ViT-B/32 + roberta-base shapes, random weights, the demo's tokenizer."""
-    from transformers import (
-        AutoTokenizer,
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        RobertaConfig,
-        VisionTextDualEncoderConfig,
-        VisionTextDualEncoderModel,
-    )
+    from bench_input import FULL, random_model  # the input benchmark's builder: one definition of "full size"
 
-    config = VisionTextDualEncoderConfig.from_vision_text_configs(
-        CLIPVisionConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            image_size=224,
-            patch_size=32,
-        ),
-        RobertaConfig(
-            vocab_size=50265,
-            hidden_size=768,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            intermediate_size=3072,
-            max_position_embeddings=514,
-            type_vocab_size=1,
-            pad_token_id=1,
-        ),
-        projection_dim=512,
-    )
-    VisionTextDualEncoderModel(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(out)
-    CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
-        out
-    )
+    random_model(out, tiny_dir, **FULL)
     return out
 
 
