@@ -126,7 +126,7 @@ def build_dataset(
     unique, image_index = image_table(image_paths)
     keep = np.arange(len(captions))
     if use_cache:
-        workers = num_proc or available_cpus()  # the other ranks wait meanwhile: use the whole machine
+        workers = num_proc or min(32, available_cpus())  # the other ranks wait meanwhile: use the machine
         images, meta = build_cache(unique, image_size, cache_dir, workers=workers, overwrite=overwrite_cache)
         if meta["bad"]:
             for reason in meta["bad"].values():

@@ -70,10 +70,26 @@ def feed(fifo: str, data: bytes) -> threading.Thread:
     return t
 
 
-def start_builder(tmp_path, paths, cache, workers, name="paths.json") -> subprocess.Popen:
-    (tmp_path / name).write_text(json.dumps(paths))
-    cmd = [sys.executable, "-c", BUILDER, str(tmp_path / name), cache, str(workers)]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+@pytest.fixture
+def start_builder(tmp_path):
+    """Starts builder subprocesses; any still running at the end (a failed test: blocked on the FIFO) is killed."""
+    started = []
+
+    def start(paths, cache, workers, name="paths.json") -> subprocess.Popen:
+        (tmp_path / name).write_text(json.dumps(paths))
+        cmd = [sys.executable, "-c", BUILDER, str(tmp_path / name), cache, str(workers)]
+        started.append(
+            subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+        return started[-1]
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
+            proc.wait()
 
 
 def wait_for(predicate, timeout=60.0):
@@ -104,10 +120,10 @@ def check_images(arr, paths, fifo_index, fifo_bytes, tmp_path):
         np.testing.assert_array_equal(arr[i], want, err_msg=f"image {i}")
 
 
-def test_killed_build_is_never_served_and_the_next_run_rebuilds(folder, tmp_path, caplog):
+def test_killed_build_is_never_served_and_the_next_run_rebuilds(folder, tmp_path, caplog, start_builder):
     paths, k, fifo_bytes = folder
     cache = str(tmp_path / "cache")
-    builder = start_builder(tmp_path, paths, cache, workers=2)
+    builder = start_builder(paths, cache, workers=2)
     wait_for(lambda: any(f.endswith(".partial") for f in listing(cache)))
     wait_for(lambda: len(psutil.Process(builder.pid).children()) == 2)
     workers = [c.pid for c in psutil.Process(builder.pid).children()]
@@ -136,12 +152,12 @@ def test_killed_build_is_never_served_and_the_next_run_rebuilds(folder, tmp_path
     np.testing.assert_array_equal(np.asarray(again), np.asarray(arr))
 
 
-def test_concurrent_builders_build_once(folder, tmp_path):
+def test_concurrent_builders_build_once(folder, tmp_path, start_builder):
     paths, k, fifo_bytes = folder
     cache = str(tmp_path / "cache")
-    first = start_builder(tmp_path, paths, cache, workers=1, name="a.json")
+    first = start_builder(paths, cache, workers=1, name="a.json")
     wait_for(lambda: any(f.endswith(".partial") for f in listing(cache)))  # first holds the lock, at the FIFO
-    second = start_builder(tmp_path, paths, cache, workers=1, name="b.json")
+    second = start_builder(paths, cache, workers=1, name="b.json")
     time.sleep(1.5)
     assert second.poll() is None, second.communicate()[0]  # waiting for the lock, not building
     assert [f for f in listing(cache) if f.endswith(".partial")] == [
