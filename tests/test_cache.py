@@ -133,7 +133,12 @@ def test_killed_build_is_never_served_and_the_next_run_rebuilds(folder, tmp_path
     # Nothing under a final name, only the dead build's partial file; its pool workers notice and exit.
     files = [f for f in listing(cache) if not f.endswith(".lock")]
     assert len(files) == 1 and files[0].endswith(f".{images._HOST}.{builder.pid}.partial"), files
-    wait_for(lambda: all(gone(w) for w in workers), timeout=10)
+    try:
+        wait_for(lambda: all(gone(w) for w in workers), timeout=10)
+    finally:  # if they did not exit, do not leave them blocked on the FIFO for ever
+        for w in workers:
+            if not gone(w):
+                os.kill(w, signal.SIGKILL)
 
     # The next run: removes the leftover, builds again from scratch, and serves complete, correct images.
     caplog.set_level(logging.INFO, logger="clip_train.images")
