@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> dict:
     for note in plan.notes:
         logger.warning(note)
     feeding = data.feeding_defaults(
-        training_args, data.given_options(argv), accelerator=training_args.device.type != "cpu"
+        training_args,
+        data.given_options(argv),
+        accelerator=training_args.device.type != "cpu",
+        image_cache=data_args.image_cache,
     )
     if feeding:
         logger.info("DataLoader settings not given, chosen: %s", feeding)
@@ -130,6 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
         train_result = trainer.train(resume_from_checkpoint=resume_from)
         metrics = {**train_result.metrics, **trainer.throughput_metrics(), **skipped["train"]}
         metrics["train_samples"] = len(splits["train"].dataset)
+        if not metrics["train_timed_steps"]:
+            logger.warning(
+                "no FPS: this run trained no step past --skip_steps %d (it ended at step %d of %d)",
+                recipe_args.skip_steps, trainer.state.global_step, trainer.state.max_steps,
+            )  # fmt: skip
         trainer.save_model()
         if trainer.is_world_process_zero():
             processor = VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -85,5 +86,25 @@ def prepare_output_dir(training_args: Any, recipe_args: Any) -> str | None:
         for path in doomed:
             shutil.rmtree(path, ignore_errors=True)
     if resume:
+        _refuse_finished(resume, resume_step, training_args)
         logger.info("Resuming from %s (pass --overwrite_output_dir to start fresh)", resume)
     return resume
+
+
+def _refuse_finished(checkpoint: str, step: int, training_args: Any) -> None:
+    """A finished run is not resumed: the Trainer would train one step past --max_steps, or none at all."""
+    if training_args.max_steps > 0:
+        done, goal = step >= training_args.max_steps, f"--max_steps {training_args.max_steps}"
+    else:
+        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+            epoch = json.load(f).get("epoch") or 0.0
+        done, goal = (
+            epoch >= training_args.num_train_epochs,
+            f"--num_train_epochs {training_args.num_train_epochs:g}",
+        )
+    if done:
+        raise SetupError(
+            f"{training_args.output_dir} holds a finished run: its last checkpoint, {os.path.basename(checkpoint)}, "
+            f"already reaches {goal}. Pass --overwrite_output_dir to train again, raise {goal.split()[0]} to go on, "
+            "or --do_train False to only evaluate"
+        )

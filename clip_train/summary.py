@@ -64,7 +64,8 @@ def summary_fields(
     """The summary's lines, in the recipe's order; TrainingTime = batch_size * 1000 / FPS as the recipe has it."""
     fps = results.get("train_samples_per_second")
     if not isinstance(fps, int | float) or not math.isfinite(fps) or fps <= 0:
-        raise SummaryError(f"all_results.json has no usable train_samples_per_second (got {fps!r})")
+        why = ": the run timed no step past --skip_steps" if fps == 0 else ""
+        raise SummaryError(f"all_results.json has no usable train_samples_per_second (got {fps!r}){why}")
     per_device = results.get("train_samples_per_second_per_device", fps / rank_size)
     eval_loss = results.get("eval_loss")
     fields = {

@@ -169,9 +169,19 @@ class ClipTrainer(BackendTrainerMixin, Trainer):
         super().log(logs, start_time)
 
     def throughput_metrics(self) -> dict[str, float]:
-        """train_samples_per_second as the recipe defines it: global samples/s after the first skip_steps steps."""
+        """train_samples_per_second as the recipe defines it: global samples/s after the first skip_steps steps.
+
+        All zero when this run trained no step past skip_steps (a finished run resumed, or a run shorter than
+        skip_steps): the Trainer's own figure is then a division of a nominal sample count by start-up time,
+        and a zero also replaces a previous run's figures in all_results.json, which the Trainer merges into.
+        """
         if "t0" not in self._clock or self._clock.get("end_step", 0) <= self._clock["t0_step"]:
-            return {}
+            return {
+                "train_samples_per_second": 0.0,
+                "train_samples_per_second_per_device": 0.0,
+                "train_steps_per_second": 0.0,
+                "train_timed_steps": 0,
+            }
         steps = self._clock["end_step"] - self._clock["t0_step"]
         seconds = self._clock["end_t"] - self._clock["t0"]
         fps = steps * self.global_batch() / seconds

@@ -257,7 +257,9 @@ set_arg model_name_or_path "$opt_model_path"
 set_arg data_dir "$opt_data_path"
 set_arg dataset_name ydshieh/coco_dataset_script
 set_arg dataset_config_name 2017
-set_arg dataloader_num_workers "$workers"
+# On CPU run_clip.py picks the loader workers itself: none with the image cache (they would take cores from the
+# model's threads), one per core when decoding on the fly.
+[ "$family" = cpu ] || set_arg dataloader_num_workers "$workers"
 set_arg image_column image_path
 set_arg caption_column caption
 set_arg remove_unused_columns False

@@ -62,3 +62,39 @@ def test_normalize_matches_the_reference_formula():
     )
     ref = (img.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
     torch.testing.assert_close(normalize_pixels(img, mean, std), ref, atol=1e-5, rtol=1e-5)
+
+
+# --- feeding: the loader settings run_clip.py picks when the command line gives none ---------------------------
+def test_feeding_defaults_fill_only_what_the_user_left_unset(tmp_path):
+    import json
+
+    from transformers import TrainingArguments
+
+    from clip_train.data import available_cpus, feeding_defaults, given_options
+
+    argv = ["--dataloader_num_workers", "2", "--no_dataloader_pin_memory", "--output_dir=x"]
+    assert given_options(argv) >= {"dataloader_num_workers", "dataloader_pin_memory", "output_dir"}
+    (tmp_path / "args.json").write_text(json.dumps({"dataloader_pin_memory": True, "output_dir": "x"}))
+    assert given_options([str(tmp_path / "args.json")]) == {"dataloader_pin_memory", "output_dir"}
+
+    # CPU, image cache: batches are read in the training process; the user's worker count is kept when given.
+    cpu = TrainingArguments(output_dir=str(tmp_path), dataloader_num_workers=3, use_cpu=True)
+    assert feeding_defaults(cpu, set(), accelerator=False) == {"dataloader_num_workers": 0}
+    cpu = TrainingArguments(output_dir=str(tmp_path), dataloader_num_workers=3, use_cpu=True)
+    assert feeding_defaults(cpu, {"dataloader_num_workers"}, accelerator=False) == {}
+    assert cpu.dataloader_num_workers == 3 and not cpu.dataloader_pin_memory  # pinning on CPU is wasted work
+    assert not cpu.dataloader_persistent_workers and cpu.dataloader_prefetch_factor is None
+    # CPU, decoding on the fly: one worker per core (up to 8).
+    fly = TrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    assert feeding_defaults(fly, set(), accelerator=False, image_cache=False) == {
+        "dataloader_num_workers": min(8, available_cpus())
+    }
+
+    # Accelerator: a few workers, pinned memory with non-blocking copies, a deeper prefetch; persistent workers
+    # stay as given (they would change the batches a resumed run sees).
+    acc = TrainingArguments(output_dir=str(tmp_path), dataloader_persistent_workers=False)
+    changed = feeding_defaults(acc, {"dataloader_persistent_workers"}, accelerator=True)
+    assert 1 <= acc.dataloader_num_workers <= 4 and acc.dataloader_pin_memory
+    assert "dataloader_persistent_workers" not in changed and not acc.dataloader_persistent_workers
+    assert acc.dataloader_prefetch_factor == 4 and acc.accelerator_config.non_blocking
+    assert changed["accelerator_config.non_blocking"] is True

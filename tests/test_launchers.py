@@ -167,8 +167,8 @@ def test_full_1p_runs_the_recipe_command(dirs: tuple[Path, Path], tmp_path: Path
         "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", command[12],
     ]  # fmt: skip
     flags = run_clip_flags(command)
-    workers = flags.pop("dataloader_num_workers")
-    assert 1 <= int(workers[0]) <= min(8, os.cpu_count() or 1)
+    # On CPU run_clip.py picks the loader workers (tests/test_cache.py), the launcher does not.
+    assert "dataloader_num_workers" not in flags
     paths = {
         "output_dir": [str(tmp_path / "out/5/ckpt")],
         "model_name_or_path": [str(model)],

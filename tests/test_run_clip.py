@@ -70,6 +70,14 @@ def test_rerun_resumes_from_last_checkpoint_unless_overwrite(demo, tmp_path):
     assert "Resuming from" in r.stderr and "checkpoint-6" in r.stderr
     steps = [h["step"] for h in history(out) if "loss" in h]
     assert max(steps) == 8
+    before = sorted(os.listdir(out))
+    # Once more: the run is finished; resuming it would train a step past --max_steps. One clear error instead.
+    r = run_py(args)
+    assert r.returncode == 2 and "holds a finished run: its last checkpoint, checkpoint-8" in r.stderr, (
+        r.stderr
+    )
+    assert "--overwrite_output_dir" in r.stderr and "--max_steps" in r.stderr
+    assert sorted(os.listdir(out)) == before
     r = run_py(args + ["--overwrite_output_dir"])
     assert r.returncode == 0 and "Resuming from" not in r.stderr
     assert "Deleting" in r.stderr and "--overwrite_output_dir" in r.stderr
