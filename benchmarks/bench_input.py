@@ -39,8 +39,10 @@ from clip_train.data import image_table  # noqa: E402
 
 IMAGE_SIZE = 224
 REFERENCE = ["--image_cache", "False", "--pad_to_max_length"]
-# --breakdown: each half of the fast path on its own (tiny model).
-HALVES = [("cache only", ["--pad_to_max_length"]), ("padding only", ["--image_cache", "False"])]
+# --breakdown: each half of the fast path on its own, and the fast path with the recipe's 2 loader workers (on CPU
+# run_clip.py reads cached batches in the training process when no worker count is given), tiny model.
+HALVES = [("cache only", ["--pad_to_max_length"]), ("padding only", ["--image_cache", "False"]),
+          ("fast, 2 workers", ["--dataloader_num_workers", "2"])]  # fmt: skip
 
 
 # --- data and models, made once ---------------------------------------------------------------------------------
@@ -205,20 +207,20 @@ def run_config(args: list[str], log_path: str, env: dict[str, str]) -> dict:
 
 
 def train_args(
-    data_dir: str, model_dir: str, out: str, cache_dir: str, workers: int, extra: list[str]
+    data_dir: str, model_dir: str, out: str, cache_dir: str, workers: int | None, extra: list[str]
 ) -> list:
-    """The recipe's command line (demo.recipe_args) without evaluation, sized by ``extra``."""
+    """The recipe's command line (demo.recipe_args) without evaluation, sized by ``extra``.
+
+    ``workers``: loader workers of both modes; None leaves the count to run_clip.py, which picks it for the input
+    path (on CPU: none with the image cache, one per core when decoding on the fly).
+    """
     args = demo.recipe_args(data_dir, model_dir, out)
     args.remove("--do_eval")
-    args[args.index("--dataloader_num_workers") + 1] = str(workers)
-    args += [
-        "--image_cache_dir",
-        cache_dir,
-        "--preprocessing_num_workers",
-        str(workers),
-        "--report_to",
-        "none",
-    ]
+    i = args.index("--dataloader_num_workers")
+    del args[i : i + 2]
+    if workers is not None:
+        args += ["--dataloader_num_workers", str(workers)]
+    args += ["--image_cache_dir", cache_dir, "--report_to", "none"]
     args += ["--save_strategy", "no", "--logging_steps", "50"]
     return args + extra
 
@@ -248,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=os.path.join(REPO, ".cache", "bench"), help="data, models, caches, logs")
     p.add_argument("--images", type=int, default=2000, help="train images (5 captions each)")
-    p.add_argument("--workers", type=int, default=2, help="loader workers and cache-building processes")
+    p.add_argument("--workers", type=int, help="loader workers of every run (default: run_clip.py's choice)")
+    p.add_argument("--build-processes", type=int, default=2, help="processes of the decode comparison (a)")
     p.add_argument("--epochs", type=float, default=2, help="epochs of the tiny model, fast path")
     p.add_argument("--reference-epochs", type=float, default=0.5,
                    help="epochs of the tiny model, reference mode (it has no state across epochs: its rate is "
@@ -257,20 +260,22 @@ def main(argv: list[str] | None = None) -> int:
         "--full-steps", type=int, default=2, help="steps of the full-size runs (the first is not timed)"
     )
     p.add_argument("--models", default="tiny,full-size", help="which of tiny,full-size to train")
-    p.add_argument("--tiny-threads", type=int, default=1,
-                   help="torch threads of the tiny runs (0: torch's default, one per core). On a shared machine two "
-                        "threads of tiny ops wait on each other whenever either is descheduled: step times swing "
-                        "10x with other jobs' load, in both modes; one thread keeps the comparison stable")  # fmt: skip
+    p.add_argument("--tiny-threads", type=int, default=0,
+                   help="torch threads of the tiny runs (0: torch's default, one per core, as users run it). On a "
+                        "busy shared machine several threads of tiny ops wait on each other whenever one is "
+                        "descheduled (step times swing several-fold with other jobs' load): 1 is steadier there")  # fmt: skip
     p.add_argument("--only", choices=["fast", "reference"], help="run only one mode (for profiling)")
     p.add_argument(
-        "--breakdown", action="store_true", help="also the tiny model with the cache or padding only"
+        "--breakdown",
+        action="store_true",
+        help="also the tiny model with the cache or padding only, and the fast path with 2 loader workers",
     )
     a = p.parse_args(argv)
     paths = prepare(a.root, a.images)
     cache_dir = os.path.join(a.root, "cache")
     print(f"machine: {describe_machine()}", flush=True)
-    dec = bench_decode(paths["coco"], cache_dir, a.workers)
-    print(f"(a) {dec['images']} images, {a.workers} processes: cold cache build {dec['build']:.0f} img/s, "
+    dec = bench_decode(paths["coco"], cache_dir, a.build_processes)
+    print(f"(a) {dec['images']} images, {a.build_processes} processes: cold cache build {dec['build']:.0f} img/s, "
           f"on the fly {dec['fly']:.0f} img/s (load {load()})", flush=True)  # fmt: skip
 
     short = ["--num_train_epochs", str(a.reference_epochs)]
@@ -278,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         "fast": ["--num_train_epochs", str(a.epochs)],
         "reference": short,
         **{h: short for h, _ in HALVES},
+        "fast, 2 workers": ["--num_train_epochs", str(a.epochs)],
     }
     full = ["--max_steps", str(a.full_steps), "--skip_steps", "1"]
     configs = [("tiny", paths["tiny"], tiny), ("full-size", paths["full"], {"fast": full, "reference": full})]
@@ -296,14 +302,14 @@ def main(argv: list[str] | None = None) -> int:
             r["load"] = f"{before} -> {load()}"
             # End to end: every trained sample over the training loop's time, plus the cold cache build for the
             # fast path of the epoch-long runs (it decoded once what the reference decodes every epoch).
-            build = dec["images"] / dec["build"] if mode == "fast" and model == "tiny" else 0.0
+            build = dec["images"] / dec["build"] if mode.startswith("fast") and model == "tiny" else 0.0
             r["e2e"] = r["samples"] / (r["train_runtime"] + build)
             r["length"] = f"{r['epoch']:.2g} epochs" if model == "tiny" else f"{r['steps']} steps"
             r["length"] += f", {threads.get('OMP_NUM_THREADS', 'default')} thread(s)"
             rows.append((model, mode, r))
             print(f"    {model:9s} {mode:12s}: {r['train_samples_per_second']:8.2f} samples/s, peak RSS "
                   f"{r['peak_rss'] / 2**30:.2f} GiB (load {r['load']})", flush=True)  # fmt: skip
-    print_table(rows, dec, a.workers)
+    print_table(rows, dec, a.build_processes)
     return 0
 
 
