@@ -264,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch threads of the tiny runs (0: torch's default, one per core, as users run it). On a "
                         "busy shared machine several threads of tiny ops wait on each other whenever one is "
                         "descheduled (step times swing several-fold with other jobs' load): 1 is steadier there")  # fmt: skip
+    p.add_argument(
+        "--repeat", type=int, default=1, help="runs of each mode, alternating; the table shows medians"
+    )
     p.add_argument("--only", choices=["fast", "reference"], help="run only one mode (for profiling)")
     p.add_argument(
         "--breakdown",
@@ -288,42 +291,59 @@ def main(argv: list[str] | None = None) -> int:
     full = ["--max_steps", str(a.full_steps), "--skip_steps", "1"]
     configs = [("tiny", paths["tiny"], tiny), ("full-size", paths["full"], {"fast": full, "reference": full})]
     modes = [m for m in (("fast", []), ("reference", REFERENCE)) if a.only in (None, m[0])]
-    rows: list[tuple] = []
+    runs: dict[tuple[str, str], list[dict]] = {}
     for model, model_dir, length in configs:
         if model not in a.models.split(","):
             continue
-        for mode, flags in modes + (HALVES if a.breakdown and model == "tiny" else []):
-            out = tempfile.mkdtemp(prefix=f"{model}-{mode}-", dir=a.root)
-            args = train_args(paths["coco"], model_dir, out, cache_dir, a.workers, length[mode] + flags)
-            before = load()
-            threads = {"OMP_NUM_THREADS": str(a.tiny_threads)} if model == "tiny" and a.tiny_threads else {}
-            r = run_config(args, os.path.join(a.root, f"{model}-{mode}.log"), threads)
-            shutil.rmtree(out, ignore_errors=True)
-            r["load"] = f"{before} -> {load()}"
-            # End to end: every trained sample over the training loop's time, plus the cold cache build for the
-            # fast path of the epoch-long runs (it decoded once what the reference decodes every epoch).
-            build = dec["images"] / dec["build"] if mode.startswith("fast") and model == "tiny" else 0.0
-            r["e2e"] = r["samples"] / (r["train_runtime"] + build)
-            r["length"] = f"{r['epoch']:.2g} epochs" if model == "tiny" else f"{r['steps']} steps"
-            r["length"] += f", {threads.get('OMP_NUM_THREADS', 'default')} thread(s)"
-            rows.append((model, mode, r))
-            print(f"    {model:9s} {mode:12s}: {r['train_samples_per_second']:8.2f} samples/s, peak RSS "
-                  f"{r['peak_rss'] / 2**30:.2f} GiB (load {r['load']})", flush=True)  # fmt: skip
+        # The modes alternate, so a change of load hits every mode alike (full-size: one run each, steps are long).
+        for _ in range(a.repeat if model == "tiny" else 1):
+            for mode, flags in modes + (HALVES if a.breakdown and model == "tiny" else []):
+                out = tempfile.mkdtemp(prefix=f"{model}-{mode}-", dir=a.root)
+                args = train_args(paths["coco"], model_dir, out, cache_dir, a.workers, length[mode] + flags)
+                before = load()
+                threads = (
+                    {"OMP_NUM_THREADS": str(a.tiny_threads)} if model == "tiny" and a.tiny_threads else {}
+                )
+                r = run_config(args, os.path.join(a.root, f"{model}-{mode}.log"), threads)
+                shutil.rmtree(out, ignore_errors=True)
+                r["load"] = f"{before} -> {load()}"
+                # End to end: every trained sample over the training loop's time, plus the cold cache build for
+                # the fast path of the epoch-long runs (it decoded once what the reference decodes every epoch).
+                build = dec["images"] / dec["build"] if mode.startswith("fast") and model == "tiny" else 0.0
+                r["e2e"] = r["samples"] / (r["train_runtime"] + build)
+                r["e2e_warm"] = r["samples"] / r["train_runtime"]  # a later run: the cache is already built
+                r["length"] = f"{r['epoch']:.2g} epochs" if model == "tiny" else f"{r['steps']} steps"
+                r["length"] += f", {threads.get('OMP_NUM_THREADS', 'default')} thread(s)"
+                runs.setdefault((model, mode), []).append(r)
+                print(f"    {model:9s} {mode:15s}: {r['train_samples_per_second']:8.2f} samples/s, peak RSS "
+                      f"{r['peak_rss'] / 2**30:.2f} GiB (load {r['load']})", flush=True)  # fmt: skip
+    rows = [(model, mode, median_run(rs), rs) for (model, mode), rs in runs.items()]
     print_table(rows, dec, a.build_processes)
     return 0
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median samples/s (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r["train_samples_per_second"])[(len(runs) - 1) // 2]
+
+
 def print_table(rows: list[tuple], dec: dict, workers: int) -> None:
-    ref = {model: r for model, mode, r in rows if mode == "reference"}
-    print("\n| model | mode | run | samples/s after skip_steps | speed-up | end-to-end samples/s | speed-up "
-          "| peak RSS, tree (GiB) | peak PSS, tree (GiB) | load 1-min (start -> end) |")  # fmt: skip
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
-    for model, mode, r in rows:
+    """One line per model and mode: its median run (with --repeat, the range of samples/s over the runs)."""
+    ref = {model: r for model, mode, r, _ in rows if mode == "reference"}
+    print("\n| model | mode | run | samples/s after skip_steps (range) | speed-up | end-to-end samples/s, cold cache "
+          "| speed-up | end-to-end, warm cache | speed-up | peak RSS, tree (GiB) | peak PSS, tree (GiB) "
+          "| load 1-min (start -> end) |")  # fmt: skip
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for model, mode, r, every in rows:
         base = ref.get(model)
         fps, e2e = r["train_samples_per_second"], r["e2e"]
         up = f"{fps / base['train_samples_per_second']:.2f}x" if base else "-"
         up_e2e = f"{e2e / base['e2e']:.2f}x" if base else "-"
-        print(f"| {model} | {mode} | {r['length']} | {fps:.2f} | {up} | {e2e:.2f} | {up_e2e} | "
+        warm = r["e2e_warm"]
+        up_warm = f"{warm / base['e2e_warm']:.2f}x" if base else "-"
+        each = [x["train_samples_per_second"] for x in every]
+        spread = f" ({min(each):.0f}-{max(each):.0f}, {len(each)} runs)" if len(each) > 1 else ""
+        print(f"| {model} | {mode} | {r['length']} | {fps:.2f}{spread} | {up} | {e2e:.2f} | {up_e2e} | {warm:.2f} | {up_warm} | "
               f"{r['peak_rss'] / 2**30:.2f} | {r['peak_pss'] / 2**30:.2f} | {r['load']} |")  # fmt: skip
     print(f"\n(a) {dec['images']} COCO-sized JPEGs, {workers} processes: cold cache build {dec['build']:.0f} "
           f"images/s; on-the-fly decode {dec['fly']:.0f} images/s. The cache decodes each image once, then every "

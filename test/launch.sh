@@ -277,8 +277,9 @@ set_arg learning_rate 5e-5
 set_arg warmup_steps 0
 set_arg weight_decay 0.1
 set_arg skip_steps 10
-# The demo's towers start from random weights: they need a larger step than the recipe's pretrained ones.
-((demo)) && set_arg learning_rate 5e-4 && set_arg logging_steps 10
+# The demo's towers start from random weights: they need a larger step than the recipe's pretrained ones. Its
+# output is disposable: a rerun starts fresh instead of being refused as a finished run.
+((demo)) && set_arg learning_rate 5e-4 && set_arg logging_steps 10 && set_arg overwrite_output_dir
 if ((multi)); then
   set_arg save_steps "$SAVE_STEPS_MULTI"
   set_arg ddp_bucket_cap_mb 150

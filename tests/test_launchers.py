@@ -371,3 +371,12 @@ def test_cluster_two_nodes_make_one_training(demo_env: dict[str, str], tmp_path:
         assert f"world_size=2 rank={rank}" in (out / str(rank) / f"train_{rank}.log").read_text()
     assert not list((out / "1").glob("clip_*.log"))  # the summary is node 0's alone
     assert "Final Performance" not in outputs[1]
+
+
+def test_demo_reruns_start_fresh(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    # The demo's output is disposable: a second --demo run must train again, not be refused as a finished run.
+    _, command = dry_run("full_1p", dirs, "--demo", env=_env(tmp_path))
+    flags = run_clip_flags(command)
+    assert flags["overwrite_output_dir"] == [] and flags["learning_rate"] == ["5e-4"]
+    _, command = dry_run("full_1p", dirs, env=_env(tmp_path))
+    assert "overwrite_output_dir" not in run_clip_flags(command)  # the recipe's own runs resume
