@@ -12,6 +12,7 @@ import os
 import sys
 
 import datasets
+import torch
 import transformers
 from transformers import (
     AutoImageProcessor,
@@ -172,6 +173,11 @@ def cli(argv: list[str] | None = None) -> int:
     except (ArgumentError, DataError, loading.SetupError) as e:
         print(f"run_clip.py: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        # Left to interpreter exit, the process group's threads can abort the process after a finished run
+        # ("terminate called without an active exception"), and torchrun then reports the run as failed.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -344,6 +344,7 @@ def _dist_worker(out: str) -> None:
         "fed": model.fed,
     }
     Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()  # as run_clip.py does: left to interpreter exit, gloo's threads can abort
 
 
 def test_two_ranks_on_gloo_train_one_model(tmp_path) -> None:
