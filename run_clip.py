@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=resume_from)
         metrics = {**train_result.metrics, **trainer.throughput_metrics(), **skipped["train"]}
+        metrics.update(trainer.undecodable("train", "train"))
         metrics["train_samples"] = len(splits["train"].dataset)
         if not metrics["train_timed_steps"]:
             logger.warning(
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics = trainer.evaluate()
         metrics["eval_samples"] = len(splits["validation"].dataset)
         metrics.update(skipped["validation"])
+        metrics.update(trainer.undecodable("eval", "eval"))
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         if training_args.do_train:

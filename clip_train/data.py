@@ -168,7 +168,8 @@ class Collator:
         self.pad_id, self.max_len, self.pad_to_max_length = pad_id, max_len, pad_to_max_length
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        samples = [s for s in samples if s["pixel_values"] is not None]
+        given = len(samples)
+        samples = [s for s in samples if s["pixel_values"] is not None]  # undecodable on the fly (logged)
         ids = [s["input_ids"] for s in samples]
         longest = -(-max((len(x) for x in ids), default=1) // 8) * 8
         width = self.max_len if self.pad_to_max_length else min(self.max_len, longest)
@@ -176,7 +177,10 @@ class Collator:
         images = (
             np.stack([s["pixel_values"] for s in samples]) if samples else np.zeros((0, 1, 1, 3), np.uint8)
         )
-        return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": torch.from_numpy(images)}
+        batch = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": torch.from_numpy(images)}
+        if len(samples) < given:  # counted by the trainer (ClipTrainer.undecodable)
+            batch["undecodable"] = torch.tensor(given - len(samples))
+        return batch
 
 
 def available_cpus() -> int:

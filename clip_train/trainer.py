@@ -56,6 +56,7 @@ class ClipTrainer(BackendTrainerMixin, Trainer):
         self.retrieval, self.pad_id = retrieval, pad_id
         self._clock: dict[str, float] = {}
         self._pixel_buffer: torch.Tensor | None = None
+        self._undecodable: dict[str, int] = {}  # samples left out of batches on the fly, by phase, this rank
         self.add_callback(_StepClock(self._clock))
 
     # --- loss -------------------------------------------------------------------------------------------------
@@ -81,6 +82,15 @@ class ClipTrainer(BackendTrainerMixin, Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
+        dropped = inputs.pop("undecodable", None)
+        if dropped is not None:
+            phase = "train" if model.training else "eval"
+            self._undecodable[phase] = self._undecodable.get(phase, 0) + int(dropped)
+            if inputs["input_ids"].shape[0] == 0:
+                raise RuntimeError(
+                    "every image of a batch failed to decode on the fly (see the warnings above): check the data, "
+                    "or use the image cache (the default), which leaves undecodable images out before batching"
+                )
         out = model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
@@ -111,6 +121,7 @@ class ClipTrainer(BackendTrainerMixin, Trainer):
         A model whose embeddings are NaN (diverged) gets an error in the log and no recall metrics, but the
         run goes on: a long training run is not lost at an evaluation.
         """
+        self._undecodable["eval"] = 0  # counts this evaluation's batches only
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
         if not self.retrieval or ds is None or isinstance(ds, dict) or not len(ds):
@@ -136,6 +147,15 @@ class ClipTrainer(BackendTrainerMixin, Trainer):
         self.log(found)
         metrics.update(found)
         return metrics
+
+    def undecodable(self, phase: str, prefix: str) -> dict[str, int]:
+        """Samples whose image failed to decode on the fly and were left out of their batch (every rank, every time
+        one was drawn), as ``{prefix}_skipped_undecodable_samples``; empty when there were none. Collective: every
+        rank calls it."""
+        count = torch.tensor(self._undecodable.get(phase, 0), device=self.args.device)
+        if self.args.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(count)
+        return {f"{prefix}_skipped_undecodable_samples": int(count)} if int(count) else {}
 
     # --- throughput -------------------------------------------------------------------------------------------
     def training_step(

@@ -182,6 +182,26 @@ def test_broken_images_are_skipped_and_counted(runs):
     assert "train: 85 of 96 rows kept; skipped: bad_image=3, empty_caption=3, missing_image=3, " in log
 
 
+def test_undecodable_images_on_the_fly_are_left_out_and_counted(runs, demo):
+    # Without the cache nothing is known about an image before it is drawn: its sample is left out of its batch,
+    # logged, and counted. One epoch of 88 rows (85 good + the 3 bad images' rows) in batches of 8 draws each once.
+    _, model_dir = demo
+    out = os.path.join(runs["root"], "fly")
+    args = cmd(os.path.join(runs["root"], "coco"), model_dir, out)
+    args.remove("--dataloader_drop_last")
+    args[args.index("--max_steps") : args.index("--max_steps") + 2] = ["--num_train_epochs", "1"]
+    r = subprocess.run([*args, "--image_cache", "False"], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       text=True, capture_output=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-4000:]
+    got = json.load(open(os.path.join(out, "all_results.json")))
+    cached = results(runs)
+    assert got["train_samples"] == 88 and got["train_skipped_undecodable_samples"] == 3
+    assert got["eval_skipped_undecodable_samples"] == cached["eval_skipped_rows_of_bad_images"]
+    assert got["eval_samples"] == cached["eval_samples"] + cached["eval_skipped_rows_of_bad_images"]
+    assert (r.stdout + r.stderr).count("skipping a sample: cannot decode") >= 3
+    assert "train_skipped_undecodable_samples" not in cached  # the cache left them out before batching
+
+
 def test_missing_images_are_skipped_and_counted(runs):
     r = results(runs)
     assert r["train_skipped_missing_image"] == 3  # missing.jpg and the two path-escaping names (zip)
