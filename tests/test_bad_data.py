@@ -202,6 +202,21 @@ def test_undecodable_images_on_the_fly_are_left_out_and_counted(runs, demo):
     assert "train_skipped_undecodable_samples" not in cached  # the cache left them out before batching
 
 
+def test_undecodable_counts_are_summed_over_ranks(runs, demo):
+    # Two gloo ranks split the 88 rows; each bad row is drawn by one of them, and the total reaches all_results.json.
+    _, model_dir = demo
+    out = os.path.join(runs["root"], "fly2")
+    args = cmd(os.path.join(runs["root"], "coco"), model_dir, out)[1:]  # without the interpreter
+    args.remove("--dataloader_drop_last")
+    args[args.index("--max_steps") : args.index("--max_steps") + 2] = ["--num_train_epochs", "1"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    r = subprocess.run([*torchrun, *args, "--image_cache", "False", "--do_eval", "False"], cwd=REPO,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True, capture_output=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-4000:]
+    got = json.load(open(os.path.join(out, "all_results.json")))
+    assert "world_size=2" in r.stderr and got["train_skipped_undecodable_samples"] == 3
+
+
 def test_missing_images_are_skipped_and_counted(runs):
     r = results(runs)
     assert r["train_skipped_missing_image"] == 3  # missing.jpg and the two path-escaping names (zip)
