@@ -171,6 +171,7 @@ def write_tiny_towers(root: str, captions: list[str], image_size: int = 64) -> t
 
 def prepare(root: str | None = None, n_train: int = 600, n_val: int = 100) -> tuple[str, str]:
     """Make the demo data and model once under ``root`` (atomically); return (data_dir, model_dir)."""
+    import torch
     from transformers.utils import logging as hf_logging
 
     from .assemble import build_clip_roberta
@@ -184,8 +185,12 @@ def prepare(root: str | None = None, n_train: int = 600, n_val: int = 100) -> tu
     tmp = tempfile.mkdtemp(prefix=".demo-", dir=os.path.dirname(os.path.abspath(root)))
     try:
         captions = write_coco(os.path.join(tmp, "coco"), n_train, n_val)
-        vision, text = write_tiny_towers(os.path.join(tmp, "towers"), captions)
-        build_clip_roberta(vision, text, os.path.join(tmp, "clip-roberta"))
+        with (
+            torch.random.fork_rng()
+        ):  # random-init weights, the same on every build: the demo's figures repeat
+            torch.manual_seed(0)
+            vision, text = write_tiny_towers(os.path.join(tmp, "towers"), captions)
+            build_clip_roberta(vision, text, os.path.join(tmp, "clip-roberta"))
         with open(os.path.join(tmp, "READY"), "w") as f:
             f.write("ok\n")
         if os.path.isfile(os.path.join(root, "READY")):  # another process finished first

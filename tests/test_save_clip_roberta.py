@@ -34,3 +34,25 @@ def test_unreachable_hub_id_gives_one_clear_message(tmp_path):
     assert r.returncode == 1
     assert "Pass local folders" in r.stderr and "--text_model" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_demo_builds_the_same_model_every_time(tmp_path):
+    # The README's demo figures must repeat on another machine: same images, tokenizer and random-init weights.
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    from clip_train.demo import prepare
+
+    torch.manual_seed(123)  # the caller's RNG state must not matter, nor be changed
+    state = torch.random.get_rng_state()
+    built = [prepare(str(tmp_path / name), n_train=8, n_val=4) for name in ("a", "b")]
+    assert torch.equal(torch.random.get_rng_state(), state)
+    weights = [load_file(os.path.join(model_dir, "model.safetensors")) for _, model_dir in built]
+    assert weights[0].keys() == weights[1].keys()
+    for key, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][key]), key
+    tokens = [AutoTokenizer.from_pretrained(model_dir)("a red circle")["input_ids"] for _, model_dir in built]
+    assert tokens[0] == tokens[1]
+    images = [np.fromfile(os.path.join(data_dir, "val2017.zip"), np.uint8).size for data_dir, _ in built]
+    assert images[0] == images[1]
