@@ -3,12 +3,14 @@
 
     python benchmarks/bench_step.py                  # tiny model, 1 and 2 torch threads
     python benchmarks/bench_step.py --model full-size --steps 2 --threads 2
+    python benchmarks/bench_step.py --model full-size --device cuda --precision bf16 --batch 256 --threads 8
 
-A training step (normalisation of a uint8 batch, forward, contrastive loss, backward, AdamW) of the benchmark's
-model at batch 64 is timed with the fast path's caption widths (each batch padded to its longest caption, a
-multiple of 8, batches drawn from the benchmark's captions) and at the reference's 128. With data free, the
-reference mode can be no slower than its 128-token step: the ratio of the two is the largest speed-up the fast
-path can show while the reference mode is limited by compute rather than by decoding.
+A training step (normalisation of a uint8 batch, forward, contrastive loss, backward, AdamW; on any device, in fp32
+or under bf16/fp16 autocast) of the benchmark's model is timed with the fast path's caption widths (each batch
+padded to its longest caption, a multiple of 8, batches drawn from the benchmark's captions) and at the reference's
+128, with the peak memory of each. With data free, the reference mode can be no slower than its 128-token step: the
+ratio of the two is the largest speed-up the fast path can show while the reference mode is limited by compute
+rather than by decoding. On an accelerator it is also the model's own samples/s and memory at that batch size.
 Data and models: bench_input.py's, under .cache/bench (made on first use).
 """
 
@@ -48,37 +50,70 @@ def caption_widths(coco_dir: str, model_dir: str, batches: int, batch: int, seed
     return widths
 
 
-def time_steps(model_dir: str, widths: list[int], batch: int, steps: int, warmup: int) -> float:
-    """Mean seconds of a full training step over ``steps`` steps, cycling through the caption ``widths``."""
+def peak_memory_gb(device: str) -> float:
+    """Peak memory of this process so far: allocated on the accelerator, else the process's peak RSS."""
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    if device == "npu":
+        return torch.npu.max_memory_allocated() / 2**30  # torch_npu registers torch.npu
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def time_steps(
+    model_dir: str, widths: list[int], batch: int, steps: int, warmup: int, device: str, precision: str
+) -> tuple[float, float]:
+    """(mean seconds of a training step over ``steps`` steps cycling through the caption ``widths``, peak GB).
+
+    As run_clip.py trains: uint8 images normalised on the device, the contrastive loss, AdamW; bf16/fp16 under
+    autocast (fp16 with a dynamic loss scale).
+    """
     import torch
     from transformers import VisionTextDualEncoderModel
 
+    from clip_train.backend import synchronize
     from clip_train.loss import clip_loss
     from clip_train.trainer import normalize_pixels
 
+    if device == "npu":
+        import torch_npu  # noqa: F401  (registers the device)
     torch.manual_seed(0)
-    model = VisionTextDualEncoderModel.from_pretrained(model_dir).train()
+    model = VisionTextDualEncoderModel.from_pretrained(model_dir).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     size = model.config.vision_config.image_size
     vocab = model.config.text_config.vocab_size
-    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8)
-    mean, std = torch.full((1, 3, 1, 1), 0.45), torch.full((1, 3, 1, 1), 0.27)
-    pixels = torch.empty(batch, 3, size, size)
+    images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8).to(device)
+    mean, std = torch.full((1, 3, 1, 1), 0.45, device=device), torch.full((1, 3, 1, 1), 0.27, device=device)
+    pixels = torch.empty(batch, 3, size, size, device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device) if precision == "fp16" else None
 
     def step(width: int) -> None:
-        ids = torch.randint(3, vocab, (batch, width))
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                    pixel_values=normalize_pixels(images, mean, std, out=pixels), return_loss=False)  # fmt: skip
-        clip_loss(out["image_embeds"], out["text_embeds"], model.logit_scale).backward()
-        opt.step()
+        ids = torch.randint(3, vocab, (batch, width), device=device)
+        with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                        pixel_values=normalize_pixels(images, mean, std, out=pixels), return_loss=False)  # fmt: skip
+            loss = clip_loss(out["image_embeds"], out["text_embeds"], model.logit_scale)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         opt.zero_grad(set_to_none=False)
 
     for i in range(warmup):
         step(widths[i % len(widths)])
+    synchronize(device)
     start = time.perf_counter()
     for i in range(steps):
         step(widths[i % len(widths)])
-    return (time.perf_counter() - start) / steps
+    synchronize(device)
+    return (time.perf_counter() - start) / steps, peak_memory_gb(device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30, help="timed steps per width setting")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "npu"], default="auto",
+                   help="where to train (auto: an NPU, else a GPU, else the CPU)")  # fmt: skip
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype")
     p.add_argument("--one", nargs=2, metavar=("THREADS", "WIDTHS"), help=argparse.SUPPRESS)  # a child run
     a = p.parse_args(argv)
 
@@ -96,12 +134,19 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = bench_input.prepare(a.root, 2000)
     model_dir = paths["tiny" if a.model == "tiny" else "full"]
+    if a.device == "auto":
+        from clip_train.backend import detect_family
+
+        a.device = detect_family()
+    if a.precision == "fp16" and a.device == "cpu":
+        p.error("--precision fp16 needs an accelerator; on CPU use bf16")
     if a.one:  # child: time one thread count (the thread pool is fixed once torch has started)
         import torch
 
         torch.set_num_threads(int(a.one[0]))
         widths = [int(w) for w in a.one[1].split(",")]
-        print(time_steps(model_dir, widths, a.batch, a.steps, a.warmup))
+        seconds, peak = time_steps(model_dir, widths, a.batch, a.steps, a.warmup, a.device, a.precision)
+        print(seconds, peak)
         return 0
 
     widths = caption_widths(paths["coco"], model_dir, 200, a.batch)
@@ -109,22 +154,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {bench_input.describe_machine()}")
     print("fast path caption widths over 200 random batches: "
           + ", ".join(f"{w} tokens {s:.0%}" for w, s in share.items()))  # fmt: skip
-    print(
-        "\n| model | torch threads | step, fast widths (ms) | step, 128 tokens (ms) | ceiling | load 1-min |"
-    )
-    print("|---|---:|---:|---:|---:|---|")
+    print("\n| model | device, precision, batch | torch threads | step, fast widths (ms) | step, 128 tokens (ms) "
+          "| ceiling | peak memory, fast / 128 (GB) | load 1-min |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---|---|")
     for threads in a.threads.split(","):
         before = bench_input.load()
-        timed = {}
+        timed, peak = {}, {}
         for name, ws in (("fast", widths), ("reference", [128])):
             cmd = [sys.executable, __file__, "--root", a.root, "--model", a.model, "--steps", str(a.steps),
-                   "--warmup", str(a.warmup), "--batch", str(a.batch), "--one", threads, ",".join(map(str, ws))]  # fmt: skip
+                   "--warmup", str(a.warmup), "--batch", str(a.batch), "--device", a.device,
+                   "--precision", a.precision, "--one", threads, ",".join(map(str, ws))]  # fmt: skip
             env = {**os.environ, "OMP_NUM_THREADS": threads}
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-            timed[name] = float(out.split()[-1])
+            run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if run.returncode != 0:
+                sys.exit(f"bench_step.py: the {name} timing failed:\n{run.stderr[-3000:]}")
+            timed[name], peak[name] = (float(x) for x in run.stdout.split()[-2:])
         ceiling = timed["reference"] / timed["fast"]
-        print(f"| {a.model} | {threads} | {1000 * timed['fast']:.1f} | {1000 * timed['reference']:.1f} | "
-              f"{ceiling:.2f}x | {before} -> {bench_input.load()} |", flush=True)  # fmt: skip
+        print(f"| {a.model} | {a.device}, {a.precision}, {a.batch} | {threads} | {1000 * timed['fast']:.1f} | "
+              f"{1000 * timed['reference']:.1f} | {ceiling:.2f}x | {peak['fast']:.2f} / {peak['reference']:.2f} | "
+              f"{before} -> {bench_input.load()} |", flush=True)  # fmt: skip
     return 0
 
 
