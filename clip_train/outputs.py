@@ -66,6 +66,7 @@ def prepare_output_dir(training_args: Any, recipe_args: Any) -> str | None:
             )
         if not is_complete(asked):
             logger.warning("%s has no %s: it may be incomplete; resuming from it as asked", asked, MARKER)
+        _refuse_finished(asked, training_args, asked=True)
         return asked
     every = _checkpoints(out)
     complete = [p for _, p in every if is_complete(p)]
@@ -86,25 +87,28 @@ def prepare_output_dir(training_args: Any, recipe_args: Any) -> str | None:
         for path in doomed:
             shutil.rmtree(path, ignore_errors=True)
     if resume:
-        _refuse_finished(resume, resume_step, training_args)
+        _refuse_finished(resume, training_args)
         logger.info("Resuming from %s (pass --overwrite_output_dir to start fresh)", resume)
     return resume
 
 
-def _refuse_finished(checkpoint: str, step: int, training_args: Any) -> None:
+def _refuse_finished(checkpoint: str, training_args: Any, asked: bool = False) -> None:
     """A finished run is not resumed: the Trainer would train one step past --max_steps, or none at all."""
+    with open(os.path.join(checkpoint, "trainer_state.json")) as f:
+        state = json.load(f)
     if training_args.max_steps > 0:
-        done, goal = step >= training_args.max_steps, f"--max_steps {training_args.max_steps}"
+        done = (state.get("global_step") or 0) >= training_args.max_steps
+        goal = f"--max_steps {training_args.max_steps}"
     else:
-        with open(os.path.join(checkpoint, "trainer_state.json")) as f:
-            epoch = json.load(f).get("epoch") or 0.0
-        done, goal = (
-            epoch >= training_args.num_train_epochs,
-            f"--num_train_epochs {training_args.num_train_epochs:g}",
-        )
+        done = (state.get("epoch") or 0.0) >= training_args.num_train_epochs
+        goal = f"--num_train_epochs {training_args.num_train_epochs:g}"
     if done:
+        where = (
+            f"--resume_from_checkpoint {checkpoint} is the end of a finished run: it"
+            if asked
+            else f"{training_args.output_dir} holds a finished run: its last checkpoint, {os.path.basename(checkpoint)},"
+        )
         raise SetupError(
-            f"{training_args.output_dir} holds a finished run: its last checkpoint, {os.path.basename(checkpoint)}, "
-            f"already reaches {goal}. Pass --overwrite_output_dir to train again, raise {goal.split()[0]} to go on, "
-            "or --do_train False to only evaluate"
+            f"{where} already reaches {goal}. Pass --overwrite_output_dir to train again, raise {goal.split()[0]} "
+            "to go on, or --do_train False to only evaluate"
         )

@@ -78,6 +78,8 @@ def test_rerun_resumes_from_last_checkpoint_unless_overwrite(demo, tmp_path):
     )
     assert "--overwrite_output_dir" in r.stderr and "--max_steps" in r.stderr
     assert sorted(os.listdir(out)) == before
+    r = run_py(args + ["--resume_from_checkpoint", os.path.join(out, "checkpoint-8")])
+    assert r.returncode == 2 and "checkpoint-8 is the end of a finished run" in r.stderr, r.stderr[-2000:]
     r = run_py(args + ["--overwrite_output_dir"])
     assert r.returncode == 0 and "Resuming from" not in r.stderr
     assert "Deleting" in r.stderr and "--overwrite_output_dir" in r.stderr
