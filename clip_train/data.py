@@ -211,7 +211,7 @@ def feeding_defaults(
       here because a worker only holds the memory-mapped image cache;
     - with an accelerator, a few workers (up to 4 per rank) and a deeper prefetch (4 batches), to ride out jitter;
     - on CPU the workers share the cores with the model's threads: with the image cache a batch is a copy of
-      cached bytes, so it is read in the training process (0 workers: 783 vs 547 samples/s with 2 workers, tiny
+      cached bytes, so it is read in the training process (0 workers: 660 vs 532 samples/s with 2 workers, tiny
       model, 2 cores, medians of 3 in benchmarks/README.md); on the fly, decoding needs the cores (one worker per core).
     """
     changed: dict[str, Any] = {}

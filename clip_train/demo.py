@@ -185,9 +185,8 @@ def prepare(root: str | None = None, n_train: int = 600, n_val: int = 100) -> tu
     tmp = tempfile.mkdtemp(prefix=".demo-", dir=os.path.dirname(os.path.abspath(root)))
     try:
         captions = write_coco(os.path.join(tmp, "coco"), n_train, n_val)
-        with (
-            torch.random.fork_rng()
-        ):  # random-init weights, the same on every build: the demo's figures repeat
+        # Random-init weights, the same on every build (the demo's figures repeat); the caller's RNG is left as is.
+        with torch.random.fork_rng():
             torch.manual_seed(0)
             vision, text = write_tiny_towers(os.path.join(tmp, "towers"), captions)
             build_clip_roberta(vision, text, os.path.join(tmp, "clip-roberta"))

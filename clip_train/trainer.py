@@ -155,7 +155,8 @@ class ClipTrainer(BackendTrainerMixin, Trainer):
         count = torch.tensor(self._undecodable.get(phase, 0), device=self.args.device)
         if self.args.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(count)
-        return {f"{prefix}_skipped_undecodable_samples": int(count)} if int(count) else {}
+        total = int(count)
+        return {f"{prefix}_skipped_undecodable_samples": total} if total else {}
 
     # --- throughput -------------------------------------------------------------------------------------------
     def training_step(
@@ -195,15 +196,9 @@ class ClipTrainer(BackendTrainerMixin, Trainer):
         skip_steps): the Trainer's own figure is then a division of a nominal sample count by start-up time,
         and a zero also replaces a previous run's figures in all_results.json, which the Trainer merges into.
         """
-        if "t0" not in self._clock or self._clock.get("end_step", 0) <= self._clock["t0_step"]:
-            return {
-                "train_samples_per_second": 0.0,
-                "train_samples_per_second_per_device": 0.0,
-                "train_steps_per_second": 0.0,
-                "train_timed_steps": 0,
-            }
-        steps = self._clock["end_step"] - self._clock["t0_step"]
-        seconds = self._clock["end_t"] - self._clock["t0"]
+        timed = "t0" in self._clock and self._clock.get("end_step", 0) > self._clock["t0_step"]
+        steps = self._clock["end_step"] - self._clock["t0_step"] if timed else 0
+        seconds = self._clock["end_t"] - self._clock["t0"] if timed else 1.0
         fps = steps * self.global_batch() / seconds
         return {
             "train_samples_per_second": round(fps, 3),

@@ -15,6 +15,7 @@ import types
 from contextlib import contextmanager
 
 import torch
+from standin_clip import clip_grads_
 
 CALLS: list[tuple] = []
 DYNAMIC_INIT_SCALE = 2.0**16
@@ -115,14 +116,7 @@ def _clip_optimizer_grad_norm_fused(self, max_norm, norm_type=2):
     if not stash.combined:
         raise RuntimeError("stand-in apex: no combined grads (needs combine_grad=True and a backward first)")
     _check_combined(self)
-    grads = [grad for _, grad in stash.combined]
-    total = torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(g.float(), norm_type) for g in grads]), norm_type
-    )
-    coef = float(max_norm) / (float(total) + 1e-6)
-    if coef < 1:
-        for grad in grads:
-            grad.mul_(coef)
+    total = clip_grads_([grad for _, grad in stash.combined], max_norm, norm_type)
     CALLS.append(("clip_optimizer_grad_norm_fused", float(max_norm)))
     return total
 

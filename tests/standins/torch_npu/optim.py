@@ -3,6 +3,7 @@ the contract of torch_npu's NpuFusedOptimizerBase: grads are combined at the fir
 `.grad` tensors afterwards, `zero_grad(set_to_none=True)` raises, `clip_grad_norm_fused_` clips the combined grads."""
 
 import torch
+from standin_clip import clip_grads_
 
 CALLS: list[tuple] = []
 
@@ -40,13 +41,6 @@ class NpuFusedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def clip_grad_norm_fused_(self, max_norm, norm_type=2):
-        grads = self._combined_grads()
-        total = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g, norm_type) for g in grads]), norm_type
-        )
-        coef = float(max_norm) / (float(total) + 1e-6)
-        if coef < 1:
-            for grad in grads:
-                grad.mul_(coef)
+        total = clip_grads_(self._combined_grads(), max_norm, norm_type)
         CALLS.append(("clip_grad_norm_fused_", float(max_norm)))
         return total
