@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
         prefix = "train" if split == "train" else "eval"
         skipped[split] = {f"{prefix}_skipped_{k}": v for k, v in splits[split].skipped.items()}
     loading.check_sizes(splits, training_args)
+    run_id = outputs.same_run(resume_from, training_args, recipe_args.loss_scope, model_args.model_name_or_path,
+                              splits.get("train"))  # fmt: skip
 
     # 5. Trainer -----------------------------------------------------------------------------------------------
     trainer = ClipTrainer(
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         retrieval=recipe_args.retrieval_eval,
         pad_id=tokenizer.pad_token_id,
         backend_plan=plan,
-        callbacks=[checkpointing.CheckpointGuard(recipe_args.save_minutes)]
+        callbacks=[checkpointing.CheckpointGuard(recipe_args.save_minutes, run_id)]
         + ([LogitScaleClamp(recipe_args.max_logit_scale)] if recipe_args.max_logit_scale else []),
     )
     results: dict = {**skipped["train"], **skipped["validation"]}

@@ -3,7 +3,10 @@
 The Trainer writes a checkpoint's files from several ranks with no barrier between them (rank 0 writes the
 weights, optimizer and trainer_state.json; every rank writes its rng_state_<rank>.pth), so no single file proves
 the folder is whole. ``CheckpointGuard.on_save`` waits until every rank has reached it (so all have finished
-writing), then rank 0 writes ``checkpoint_complete.json``; resuming only ever uses folders that have it.
+writing), then rank 0 writes ``checkpoint_complete.json``; resuming only ever uses folders that have it. The
+marker lists every file rank 0 sees then, with its size and hash, and the run's identity (see integrity.py).
+On one node, or nodes sharing the output folder, that is every rank's file; with per-node disks and
+``--save_on_each_node`` each node's first rank marks its own copy with the files it sees.
 
 The recipe's ``--save_steps 150000`` means "never" on COCO, so the guard also asks for a save whenever
 ``--save_minutes`` of wall time have passed since the last one. Ranks must agree on the step that saves (the
@@ -25,9 +28,10 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from .integrity import MARKER, manifest
+
 logger = logging.getLogger(__name__)
 
-MARKER = "checkpoint_complete.json"
 DEFAULT_KEEP = 2
 
 
@@ -38,12 +42,18 @@ def is_complete(checkpoint: str) -> bool:
     )
 
 
-def mark_complete(checkpoint: str, global_step: int, world_size: int) -> None:
-    """Write the marker atomically (a kill mid-write leaves no marker rather than a broken one)."""
+def mark_complete(checkpoint: str, global_step: int, world_size: int, run: dict | None = None) -> dict:
+    """Write the marker (files' sizes and hashes, the run's identity) atomically: a kill mid-write leaves no marker
+    rather than a broken one. Returns what it wrote."""
+    marker = {"global_step": global_step, "world_size": world_size, "saved_at": time.time()}
+    marker["files"] = manifest(checkpoint)
+    if run is not None:
+        marker["run"] = run
     tmp = os.path.join(checkpoint, f".{MARKER}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
-        json.dump({"global_step": global_step, "world_size": world_size, "saved_at": time.time()}, f)
+        json.dump(marker, f, indent=1)
     os.replace(tmp, os.path.join(checkpoint, MARKER))
+    return marker
 
 
 def settle_save_args(training_args: Any) -> None:
@@ -79,8 +89,9 @@ def _from_rank0(value: float, args: Any) -> float:
 class CheckpointGuard(TrainerCallback):
     """Marks finished checkpoints and saves at least every ``save_minutes`` of wall time (0: only the marker)."""
 
-    def __init__(self, save_minutes: float) -> None:
+    def __init__(self, save_minutes: float, run: dict | None = None) -> None:
         self.seconds = save_minutes * 60.0
+        self.run = run  # the run's identity, kept in every marker (integrity.run_identity)
         self._reset(0)
 
     def _reset(self, step: int) -> None:
@@ -110,6 +121,11 @@ class CheckpointGuard(TrainerCallback):
         _from_rank0(0.0, args)  # barrier: every rank has finished writing its part of the checkpoint
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if args.should_save and os.path.isdir(folder):
-            mark_complete(folder, state.global_step, args.world_size)
+            t0 = time.monotonic()
+            files = mark_complete(folder, state.global_step, args.world_size, self.run)["files"]
+            took = time.monotonic() - t0
             logger.info("Checkpoint complete: %s", folder)
+            if took > 1.0:  # full-size checkpoints: say what the hashes cost (a small share of the save)
+                gb = sum(f["size"] for f in files.values()) / 1e9
+                logger.info("Hashing its %d files (%.2f GB) took %.1f s", len(files), gb, took)
         self._reset(state.global_step)
