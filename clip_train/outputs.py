@@ -89,7 +89,10 @@ def _set_aside(path: str) -> str:
     while os.path.exists(new if n == 1 else f"{new}.{n}"):
         n += 1
     new = new if n == 1 else f"{new}.{n}"
-    os.rename(path, new)
+    try:
+        os.rename(path, new)
+    except FileNotFoundError:  # --save_on_each_node on one shared folder: another node's rank moved it
+        return "(already moved)"
     return new
 
 
@@ -126,7 +129,9 @@ def prepare_output_dir(training_args: Any, recipe_args: Any) -> str | None:
     marked = [p for _, p in every if os.path.isfile(os.path.join(p, MARKER))]
     resume, damaged = None, []
     if not recipe_args.overwrite_output_dir:
-        for path in reversed(_gather(marked)[0]):  # rank 0's list, so every rank walks the same candidates
+        # Rank 0's list, by name (each node may have its own disk), so every rank walks the same candidates.
+        for name in reversed(_gather([os.path.basename(p) for p in marked])[0]):
+            path = os.path.join(out, name)
             check = _agreed_check(path, training_args)
             if not check.problem:
                 resume = path
