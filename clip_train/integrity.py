@@ -68,6 +68,11 @@ def verify(folder: str) -> Check:
     if files is None:  # written before markers listed their files
         ok = os.path.isfile(os.path.join(folder, "trainer_state.json"))
         return Check(None if ok else "trainer_state.json: missing", False)
+    if not isinstance(files, dict) or not all(
+        isinstance(r, dict) and isinstance(r.get("size"), int) and isinstance(r.get(HASH), str)
+        for r in files.values()
+    ):
+        return Check(f"{MARKER}: its file list is not one this version wrote (sizes and {HASH} hashes)", True)
     for rel, rec in files.items():
         try:
             size = os.path.getsize(os.path.join(folder, rel))

@@ -246,3 +246,23 @@ def test_two_gloo_ranks_agree_on_the_fallback(reference, tmp_path, layout):
     for out in outs:  # each folder's own verifier moved its copy aside: the same checkpoints everywhere
         assert len(aside(out)) == 1
         assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint-")) == ["checkpoint-8"]
+
+
+def test_identity_differences_and_a_foreign_marker(reference, tmp_path):
+    from clip_train.integrity import differences
+
+    saved = json.load(open(os.path.join(reference["out"], "checkpoint-12", MARKER)))["run"]
+    assert differences(saved, dict(saved)) == []
+    now = {**saved, "world_size": 2, "train_rows": 90, "train_rows_fingerprint": "0" * 16}
+    assert differences(saved, now) == [
+        "processes (world size) 1 then, 2 now",
+        "training rows 96 then, 90 now",
+    ]
+    now = {**saved, "train_rows_fingerprint": "0" * 16}  # same count, other rows: the fingerprint says so
+    assert differences(saved, now) == [
+        f"training rows' fingerprint {saved['train_rows_fingerprint']} then, {'0' * 16} now"
+    ]
+    out = interrupted_copy(reference, str(tmp_path / "out"), keep=(8,))
+    ckpt = os.path.join(out, "checkpoint-8")
+    json.dump({"global_step": 8, "files": {"model.safetensors": 5}}, open(os.path.join(ckpt, MARKER), "w"))
+    assert "file list is not one this version wrote" in verify(ckpt).problem
