@@ -109,11 +109,13 @@ def prepare_output_dir(training_args: Any, recipe_args: Any) -> str | None:
         return None
     asked = training_args.resume_from_checkpoint
     if asked:
-        if not os.path.isfile(os.path.join(asked, "trainer_state.json")):
+        # What each rank sees, shared: every rank then takes the same branch (the check below is a collective).
+        seen = _gather([os.path.isfile(os.path.join(asked, n)) for n in ("trainer_state.json", MARKER)])
+        if not all(state for state, _ in seen):
             raise SetupError(
                 f"--resume_from_checkpoint {asked!r}: not a checkpoint folder (no trainer_state.json)"
             )
-        if not os.path.isfile(os.path.join(asked, MARKER)):
+        if not seen[0][1]:
             logger.warning("%s has no %s: it may be incomplete; resuming from it as asked", asked, MARKER)
         else:
             check = _agreed_check(asked, training_args)
