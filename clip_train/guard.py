@@ -1,0 +1,163 @@
+"""Non-finite step guard: an optimizer step whose gradients are not finite is not applied, on every precision path.
+
+One mechanism for apex (static and dynamic scale), the torch_npu and CUDA GradScalers (static or dynamic), bf16
+and fp32. The Trainer computes the gradient norm of every step (`_get_grad_norm`, after the clip; with a GradScaler
+on unscaled grads); the norm is finite exactly when every gradient is. Before the optimizer step the guard reads
+that one flag (one host-device sync per optimizer step: GradScalers and apex's dynamic scaler already sync there,
+bf16/fp32 and the fused AdamW + GradScaler path pay it) and, when it is not finite:
+
+- does not call the optimizer (weights, Adam moments and the step counter stay as they were);
+- marks the step skipped for accelerate, so the Trainer does not advance the LR schedule (with a fused AdamW
+  the GradScaler calls ``optimizer.step`` even when it skips, so accelerate alone never sees a skip);
+- lowers the loss scale: a dynamic scaler backs off by itself; a static one (apex's number, torch_npu's
+  ``GradScaler(dynamic=False)``) is halved here, and the log says so;
+- counts the step (``train_skipped_nonfinite_steps``) and logs it with its number;
+- after ``max_consecutive`` such steps in a row stops with `TrainingDiverged`: the weights were never updated
+  with a non-finite step, and the last checkpoint on disk is left as it is.
+
+A checkpoint or final model with non-finite weights is never written (`check_finite_weights`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# A dynamic scale from 2**24 reaches 1 in 24 halvings: 32 non-finite steps in a row means the gradients are not
+# finite at any scale (divergence), not an overflow the scale can fix.
+MAX_CONSECUTIVE_SKIPS = 32
+STATIC_BACKOFF = 0.5
+
+
+class TrainingDiverged(RuntimeError):
+    """Training cannot go on without applying non-finite updates; the message says what to change."""
+
+
+def is_finite(norm: torch.Tensor | float | None) -> bool:
+    """Whether a gradient norm is finite (None: no gradients this step, nothing to guard)."""
+    if norm is None:
+        return True
+    if isinstance(norm, torch.Tensor):
+        return bool(torch.isfinite(norm).all())  # the guard's one host sync per optimizer step
+    return math.isfinite(float(norm))
+
+
+def check_finite_weights(model: torch.nn.Module, what: str) -> None:
+    """Refuse to save non-finite weights: raise TrainingDiverged naming the first bad parameter."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+                raise TrainingDiverged(
+                    f"not saving the {what}: parameter {name} is not finite; the checkpoints already in the output "
+                    "folder are left as they are (resume from the last one with a lower --learning_rate)"
+                )
+
+
+class NonFiniteGuardMixin:
+    """Trainer mixin (before `Trainer` in the bases). Subclasses may override `_backend_skip_pending` and
+    `_lower_static_scale` for scalers the Trainer does not know (apex)."""
+
+    max_consecutive_skips = MAX_CONSECUTIVE_SKIPS
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._guard_norm: Any = None
+        self._guarded_optimizer: Any = None
+        self._skipped_steps: list[int] = []  # the steps (1-based, as logged) whose update was not applied
+        self._consecutive_skips = 0
+        super().__init__(*args, **kwargs)
+
+    # --- the Trainer's hooks --------------------------------------------------------------------------------
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        norm = super()._get_grad_norm(model, grad_norm)
+        self._guard_norm = norm
+        if self._guarded_optimizer is not self.optimizer:  # once per optimizer (after accelerate wrapped it)
+            self._guard_optimizer(self.optimizer)
+        return norm
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        check_finite_weights(self.model, f"checkpoint of step {self.state.global_step}")
+        super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        check_finite_weights(self.model, "model")
+        super().save_model(output_dir, _internal_call)
+
+    def nonfinite_metrics(self, prefix: str = "train") -> dict[str, int]:
+        """``{prefix}_skipped_nonfinite_steps``: optimizer steps not applied (the same on every rank)."""
+        return {f"{prefix}_skipped_nonfinite_steps": len(self._skipped_steps)}
+
+    # --- the guard --------------------------------------------------------------------------------------------
+    def _guard_optimizer(self, optimizer: Any) -> None:
+        original = optimizer.step
+
+        def guarded_step(*args: Any, **kwargs: Any) -> Any:
+            return self._guarded_step(optimizer, original, *args, **kwargs)
+
+        optimizer.step = guarded_step
+        self._guarded_optimizer = optimizer
+
+    def _guarded_step(self, optimizer: Any, original: Any, *args: Any, **kwargs: Any) -> Any:
+        pending = self._backend_skip_pending()
+        if not pending and is_finite(self._guard_norm):
+            if hasattr(optimizer, "_is_overflow"):
+                optimizer._is_overflow = False  # accelerate resets it only when it has a GradScaler
+            out = original(*args, **kwargs)
+            self._consecutive_skips = 0
+            return out
+        if pending:
+            original(*args, **kwargs)  # apex's own armed skip: it skips, clears its master grads, disarms
+        else:
+            self._drop_nonfinite_grads()
+        self._back_off_scale()
+        if hasattr(optimizer, "_is_overflow"):
+            optimizer._is_overflow = True  # accelerate.optimizer_step_was_skipped: the LR schedule holds
+        self._record_skip()
+        return None
+
+    def _record_skip(self) -> None:
+        step = self.state.global_step + 1  # the Trainer counts the step after this call
+        self._skipped_steps.append(step)
+        self._consecutive_skips += 1
+        norm = self._guard_norm.item() if isinstance(self._guard_norm, torch.Tensor) else self._guard_norm
+        logger.warning(
+            "step %d: non-finite gradients (grad norm %s): update not applied, LR schedule held "
+            "(%d step(s) skipped so far, %d in a row)",
+            step, norm, len(self._skipped_steps), self._consecutive_skips,
+        )  # fmt: skip
+        if self._consecutive_skips >= self.max_consecutive_skips:
+            first = self._skipped_steps[-self._consecutive_skips]
+            raise TrainingDiverged(
+                f"{self._consecutive_skips} optimizer steps in a row (steps {first}-{step}) had non-finite "
+                f"gradients: training diverged (or the loss scale cannot recover); no non-finite update was "
+                f"applied and the checkpoints in {self.args.output_dir} are intact: resume from the last one with "
+                "a lower --learning_rate (or --loss_scale dynamic)"
+            )
+
+    def _back_off_scale(self) -> None:
+        """A dynamic GradScaler backs off in update(); a static one is halved here (and said)."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            if getattr(scaler, "_dynamic", True):
+                scaler.update()  # found_inf was recorded when the grads were unscaled for the norm
+            else:
+                old = scaler.get_scale()
+                scaler.update(new_scale=old * STATIC_BACKOFF)
+                logger.warning("static loss scale lowered from %.10g to %.10g", old, old * STATIC_BACKOFF)
+            return
+        self._lower_static_scale()
+
+    # --- backend hooks (apex overrides them) ------------------------------------------------------------------
+    def _backend_skip_pending(self) -> bool:
+        """True when the backend already detected the overflow and will skip the step itself."""
+        return False
+
+    def _lower_static_scale(self) -> None:
+        """Halve a static loss scale the Trainer does not own (apex's)."""
+
+    def _drop_nonfinite_grads(self) -> None:
+        """Clear gradients the Trainer's model.zero_grad() does not reach (apex's fp32 master grads)."""
