@@ -20,6 +20,7 @@ A checkpoint or final model with non-finite weights is never written (`check_fin
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any
@@ -95,6 +96,7 @@ class NonFiniteGuardMixin:
     def _guard_optimizer(self, optimizer: Any) -> None:
         original = optimizer.step
 
+        @functools.wraps(original)  # keeps the LR scheduler's step-tracking marks on the method
         def guarded_step(*args: Any, **kwargs: Any) -> Any:
             return self._guarded_step(optimizer, original, *args, **kwargs)
 
@@ -116,18 +118,19 @@ class NonFiniteGuardMixin:
         self._back_off_scale()
         if hasattr(optimizer, "_is_overflow"):
             optimizer._is_overflow = True  # accelerate.optimizer_step_was_skipped: the LR schedule holds
-        self._record_skip()
+        self._record_skip(pending)
         return None
 
-    def _record_skip(self) -> None:
+    def _record_skip(self, by_backend: bool = False) -> None:
         step = self.state.global_step + 1  # the Trainer counts the step after this call
         self._skipped_steps.append(step)
         self._consecutive_skips += 1
         norm = self._guard_norm.item() if isinstance(self._guard_norm, torch.Tensor) else self._guard_norm
+        found = "the loss scaler found inf/NaN" if by_backend else f"grad norm {norm}"
         logger.warning(
-            "step %d: non-finite gradients (grad norm %s): update not applied, LR schedule held "
+            "step %d: non-finite gradients (%s): update not applied, LR schedule held "
             "(%d step(s) skipped so far, %d in a row)",
-            step, norm, len(self._skipped_steps), self._consecutive_skips,
+            step, found, len(self._skipped_steps), self._consecutive_skips,
         )  # fmt: skip
         if self._consecutive_skips >= self.max_consecutive_skips:
             first = self._skipped_steps[-self._consecutive_skips]
