@@ -71,8 +71,9 @@ class _GradScaler(torch.amp.GradScaler):
     def update(self, new_scale=None):
         if self._dynamic or new_scale is not None:
             return super().update(new_scale)
-        from torch.amp.grad_scaler import _refresh_per_optimizer_state
         from collections import defaultdict
+
+        from torch.amp.grad_scaler import _refresh_per_optimizer_state
 
         self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
         return None

@@ -147,7 +147,7 @@ def _cast_model(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 def _warn_or_err(msg: str) -> None:
     if _amp_state.hard_override:
-        warnings.warn(msg)
+        warnings.warn(msg, stacklevel=3)
     else:
         raise RuntimeError(msg)
 
