@@ -133,6 +133,7 @@ def make_plan(
     if fp16 and fp16_opt_level == "O0":
         notes.append("--fp16_opt_level O0 is fp32 training: running fp32")
     elif fp16 and family == "cpu":
+        plan.instead_of = f"fp16 {fp16_opt_level}: no fp16 training on CPU"
         notes.append(
             "--fp16 on CPU: running fp32 (accelerate has no CPU fp16 path and would ignore the flag silently); "
             "pass --bf16 for CPU autocast"
