@@ -14,7 +14,8 @@ recorded in `plan.settings`, which the start-up line prints.
   overlaps the backward pass (150 MB would hold ~40 M fp32 gradients, a quarter of clip-roberta, before the first
   all-reduce starts). Not measured here (no multi-GPU host was available): pass --ddp_bucket_cap_mb to tune it.
 - logging_nan_inf_filter off on accelerators: it syncs host and device at every micro-step; the non-finite
-  guard (guard.py) skips and counts non-finite steps instead (their loss still shows in the logged mean).
+  guard (guard.py) skips and counts non-finite steps instead, and keeps their loss out of the logged mean on the
+  device (no sync).
 - TF32 on for fp32 runs on CUDA GPUs that have it (matmuls and convolutions in TF32, ~8x the fp32 rate on Ampere+).
 - A single process that sees several CUDA GPUs (`python3 run_clip.py` without torchrun) trains on cuda:0 only
   instead of the Trainer's nn.DataParallel over all of them (slow, and its images would be normalised on cuda:0
@@ -51,7 +52,9 @@ def choose(training_args: Any, plan: Plan, given: set[str]) -> dict[str, Any]:
         )
     if plan.family != "cpu":
         choose_one("logging_nan_inf_filter", False)
-        plan.settings["nan/inf loss filter"] = "on" if training_args.logging_nan_inf_filter else "off"
+        plan.settings["nan/inf loss filter"] = (
+            "Trainer's" if training_args.logging_nan_inf_filter else "on device"
+        )
     if plan.family == "cuda" and plan.precision == "fp32" and "tf32" not in given and _tf32_available():
         choose_one("tf32", True)
         _enable_tf32()

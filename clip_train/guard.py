@@ -16,6 +16,10 @@ bf16/fp32 and the fused AdamW + GradScaler path pay it) and, when it is not fini
   with a non-finite step, and the last checkpoint on disk is left as it is.
 
 A checkpoint or final model with non-finite weights is never written (`check_finite_weights`).
+
+The Trainer's `logging_nan_inf_filter` (replace a non-finite micro-step loss in the logged mean by the mean so far)
+costs a host sync per micro-step; device_settings.py turns it off on accelerators and `training_step` here does the
+same replacement on the device (`torch.where`), so logged losses stay finite without the sync.
 """
 
 from __future__ import annotations
@@ -73,6 +77,16 @@ class NonFiniteGuardMixin:
         super().__init__(*args, **kwargs)
 
     # --- the Trainer's hooks --------------------------------------------------------------------------------
+    def training_step(
+        self, model: torch.nn.Module, inputs: Any, num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        running = getattr(self, "_tr_loss", None)  # the Trainer's on-device sum since the last log
+        if self.args.logging_nan_inf_filter or not isinstance(running, torch.Tensor):
+            return loss  # the Trainer filters itself (with its sync), or keeps its sum elsewhere
+        mean_so_far = running.detach() / (1 + self.state.global_step - self._globalstep_last_logged)
+        return torch.where(torch.isfinite(loss), loss, mean_so_far.to(loss.dtype))
+
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
         norm = super()._get_grad_norm(model, grad_norm)
         self._guard_norm = norm

@@ -366,3 +366,19 @@ def test_off_the_apex_path_the_trainer_runs_unchanged(tmp_path) -> None:
     assert type(trainer.optimizer.optimizer) is torch.optim.AdamW and trainer.accelerator.scaler is None
     assert trainer.state.global_step == 2 and scheduler_steps(trainer) == 2
     assert trainer.backend_metrics() == {"train_skipped_nonfinite_steps": 0, "train_precision": "fp32"}
+
+
+def test_without_the_trainers_filter_logged_losses_stay_finite(tmp_path) -> None:
+    """On accelerators device_settings turns the Trainer's syncing loss filter off; the guard filters on the device."""
+    plan = backend.make_plan("cpu", fp16=False, bf16=False)
+    trainer = make_trainer(
+        tmp_path, plan, steps=6, poison=(2, 5), logging_steps=3, logging_nan_inf_filter=False
+    )
+    out = trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert (
+        len(losses) == 2
+        and all(torch.isfinite(torch.tensor(losses)))
+        and out.training_loss == out.training_loss
+    )
+    assert trainer.nonfinite_metrics() == {"train_skipped_nonfinite_steps": 2}

@@ -50,7 +50,7 @@ def test_per_family_ddp_settings_are_stated(tmp_path, family, expected) -> None:
         f"| ddp find_unused_parameters=False broadcast_buffers=False bucket_cap_mb={expected[2] or 25}"
         in line
     )
-    assert ("nan/inf loss filter off" in line) == (family != "cpu")
+    assert ("nan/inf loss filter on device" in line) == (family != "cpu")
 
 
 def test_given_flags_are_kept(tmp_path) -> None:
