@@ -3,7 +3,7 @@
 For the recipe's fp16 flags (a dynamic GradScaler from 12800000, fused AdamW), bf16 and fp32: a small Trainer run
 with inf injected into the loss at two steps; prints, per path, the skipped steps, LR-scheduler steps vs applied
 steps, the final scale, finiteness, TF32 and the start-up line. Then the guard's cost: steps/s of a larger MLP in
-bf16 with and without the guard's per-step check. Prints one JSON object.
+bf16 with the guard (sync-free on CUDA), its eager host-sync variant, and without it. Prints one JSON object.
 
     python3 benchmarks/check_guard_cuda.py
 """
@@ -56,6 +56,10 @@ class Guarded(BackendTrainerMixin, Trainer):
     pass
 
 
+class Eager(Guarded):
+    lazy_devices = ()  # the guard's host-sync path
+
+
 class Unguarded(Guarded):
     def _guarded_step(self, optimizer, original, *args, **kwargs):
         return original(*args, **kwargs)
@@ -89,7 +93,8 @@ def run(
     scaler = trainer.accelerator.scaler
     return {
         "describe": backend.describe(plan),
-        "skipped_steps": trainer._skipped_steps,
+        "skipped_steps": trainer.nonfinite_metrics() and trainer._skipped_steps,
+        "sync_free": trainer._lazy,
         "global_step": trainer.state.global_step,
         "scheduler_steps": sched.last_epoch,
         "final_scale": scaler.get_scale() if scaler is not None else None,
@@ -110,7 +115,11 @@ def main() -> None:
         report[name] = run(flags, steps=30, width=256, depth=2, batch=32, poison=(20, 25))
     # the guard's cost: one host sync per optimizer step (logging every 50 steps, so the Trainer adds none)
     big = {"steps": 100, "width": 8192, "depth": 8, "batch": 2048, "log_every": 50}
-    for label, cls in (("bf16 guarded", Guarded), ("bf16 unguarded", Unguarded)) * 2:
+    for label, cls in (
+        ("bf16 guarded", Guarded),
+        ("bf16 eager guard", Eager),
+        ("bf16 unguarded", Unguarded),
+    ) * 3:
         report.setdefault(label, []).append(
             run({"fp16": False, "bf16": True}, cls=cls, **big)["train_steps_per_second"]
         )

@@ -4,7 +4,8 @@ One mechanism for apex (static and dynamic scale), the torch_npu and CUDA GradSc
 and fp32. The Trainer computes the gradient norm of every step (`_get_grad_norm`, after the clip; with a GradScaler
 on unscaled grads); the norm is finite exactly when every gradient is. Before the optimizer step the guard reads
 that one flag (one host-device sync per optimizer step: GradScalers and apex's dynamic scaler already sync there,
-bf16/fp32 and the fused AdamW + GradScaler path pay it) and, when it is not finite:
+bf16/fp32 pay it on CPU and NPU; on CUDA with torch's fused AdamW the flag is read a step later without a stall,
+see "the sync-free path" below) and, when it is not finite:
 
 - does not call the optimizer (weights, Adam moments and the step counter stay as they were);
 - marks the step skipped for accelerate, so the Trainer does not advance the LR schedule (with a fused AdamW
@@ -68,10 +69,13 @@ class NonFiniteGuardMixin:
     `_lower_static_scale` for scalers the Trainer does not know (apex)."""
 
     max_consecutive_skips = MAX_CONSECUTIVE_SKIPS
+    lazy_devices: tuple[str, ...] = ("cuda",)  # where the sync-free path is used when it applies
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._guard_norm: Any = None
         self._guarded_optimizer: Any = None
+        self._lazy: bool | None = None  # decided at the first step
+        self._pending: list[tuple[int, Any]] = []  # (step, _DeviceFlag) of lazily guarded steps not yet read
         self._skipped_steps: list[int] = []  # the steps (1-based, as logged) whose update was not applied
         self._consecutive_skips = 0
         super().__init__(*args, **kwargs)
@@ -95,6 +99,7 @@ class NonFiniteGuardMixin:
         return norm
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        self._resolve_pending(wait=True)  # the saved LR schedule and counts include every step so far
         check_finite_weights(self.model, f"checkpoint of step {self.state.global_step}")
         super()._save_checkpoint(model, trial)
 
@@ -104,6 +109,7 @@ class NonFiniteGuardMixin:
 
     def nonfinite_metrics(self, prefix: str = "train") -> dict[str, int]:
         """``{prefix}_skipped_nonfinite_steps``: optimizer steps not applied (the same on every rank)."""
+        self._resolve_pending(wait=True)
         return {f"{prefix}_skipped_nonfinite_steps": len(self._skipped_steps)}
 
     # --- the guard --------------------------------------------------------------------------------------------
@@ -118,6 +124,11 @@ class NonFiniteGuardMixin:
         self._guarded_optimizer = optimizer
 
     def _guarded_step(self, optimizer: Any, original: Any, *args: Any, **kwargs: Any) -> Any:
+        self._resolve_pending(wait=False)
+        if self._lazy is None:
+            self._lazy = self._lazy_applies(optimizer)
+        if self._lazy:
+            return self._lazy_step(optimizer, original, *args, **kwargs)
         pending = self._backend_skip_pending()
         if not pending and is_finite(self._guard_norm):
             if hasattr(optimizer, "_is_overflow"):
@@ -135,12 +146,16 @@ class NonFiniteGuardMixin:
         self._record_skip(pending)
         return None
 
-    def _record_skip(self, by_backend: bool = False) -> None:
-        step = self.state.global_step + 1  # the Trainer counts the step after this call
+    def _record_skip(self, by_backend: bool = False, lazy_step: int | None = None) -> None:
+        # The Trainer counts the step after this call; a lazily read flag names its own step.
+        step = self.state.global_step + 1 if lazy_step is None else lazy_step
         self._skipped_steps.append(step)
         self._consecutive_skips += 1
-        norm = self._guard_norm.item() if isinstance(self._guard_norm, torch.Tensor) else self._guard_norm
-        found = "the loss scaler found inf/NaN" if by_backend else f"grad norm {norm}"
+        if lazy_step is not None:
+            found = "inf/NaN, skipped on the device"
+        else:
+            norm = self._guard_norm.item() if isinstance(self._guard_norm, torch.Tensor) else self._guard_norm
+            found = "the loss scaler found inf/NaN" if by_backend else f"grad norm {norm}"
         logger.warning(
             "step %d: non-finite gradients (%s): update not applied, LR schedule held "
             "(%d step(s) skipped so far, %d in a row)",
@@ -178,3 +193,77 @@ class NonFiniteGuardMixin:
 
     def _drop_nonfinite_grads(self) -> None:
         """Clear gradients the Trainer's model.zero_grad() does not reach (apex's fp32 master grads)."""
+
+    # --- the sync-free path (CUDA, torch's fused AdamW, no static scale) -------------------------------------------
+    # The fused AdamW kernel takes a `found_inf` tensor and skips the update (and its step count) on the device. The
+    # guard hands it the step's non-finite flag, copies the flag to pinned host memory behind a CUDA event, and reads
+    # it at a later step, once the event has passed: no stall. A skipped step's LR-schedule advance is then taken
+    # back before the next update is queued (exact while the GPU is at most a step behind the host; further behind,
+    # the next few updates use an LR one step ahead). Counting, logging and the limit follow the same rules.
+    def _lazy_applies(self, optimizer: Any) -> bool:
+        raw = getattr(optimizer, "optimizer", optimizer)
+        scaler = getattr(self.accelerator, "scaler", None)
+        sched = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
+        return (
+            self.args.device.type in self.lazy_devices
+            and getattr(raw, "_step_supports_amp_scaling", False)
+            and isinstance(self._guard_norm, torch.Tensor)
+            and not self._backend_skip_pending()
+            and (scaler is None or getattr(scaler, "_dynamic", True))  # a static scale is lowered eagerly
+            and isinstance(sched, torch.optim.lr_scheduler.LambdaLR)  # rewindable (all of HF's schedules)
+        )
+
+    def _lazy_step(self, optimizer: Any, original: Any, *args: Any, **kwargs: Any) -> Any:
+        flag = (~torch.isfinite(self._guard_norm)).to(torch.float32)
+        raw = getattr(optimizer, "optimizer", optimizer)
+        if hasattr(optimizer, "_is_overflow"):
+            optimizer._is_overflow = False  # the Trainer steps the schedule; a skip found later is rewound
+        if getattr(self.accelerator, "scaler", None) is not None:
+            out = original(*args, **kwargs)  # the GradScaler hands its own found_inf to the fused kernel
+        else:
+            raw.grad_scale, raw.found_inf = None, flag  # read by torch's fused Adam(W).step
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                del raw.grad_scale, raw.found_inf
+        self._pending.append((self.state.global_step + 1, _DeviceFlag(flag)))
+        return out
+
+    def _resolve_pending(self, wait: bool) -> None:
+        while self._pending and (wait or self._pending[0][1].ready()):
+            step, flag = self._pending.pop(0)
+            if not flag.value():
+                self._consecutive_skips = 0
+                continue
+            self._rewind_schedule()
+            self._record_skip(lazy_step=step)
+
+    def _rewind_schedule(self) -> None:
+        sched = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)
+        sched.last_epoch -= 1
+        lrs = [base * fn(sched.last_epoch) for fn, base in zip(sched.lr_lambdas, sched.base_lrs, strict=True)]
+        for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        sched._last_lr = lrs
+
+
+class _DeviceFlag:
+    """A 0-d device tensor's value, copied to host memory without a stall (CUDA: pinned buffer + event)."""
+
+    def __init__(self, flag: torch.Tensor) -> None:
+        self.event = None
+        if flag.device.type == "cuda":
+            self.host = torch.empty((), dtype=flag.dtype, pin_memory=True)
+            self.host.copy_(flag, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = flag
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def value(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host.item())

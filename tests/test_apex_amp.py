@@ -382,3 +382,43 @@ def test_without_the_trainers_filter_logged_losses_stay_finite(tmp_path) -> None
         and out.training_loss == out.training_loss
     )
     assert trainer.nonfinite_metrics() == {"train_skipped_nonfinite_steps": 2}
+
+
+class LazyOnCpu(BackendTrainer):
+    """The guard's sync-free CUDA path (fused AdamW's found_inf, the flag read a step later), driven on CPU."""
+
+    lazy_devices = ("cuda", "cpu")
+
+
+@pytest.mark.parametrize("path", ["fp32", NATIVE_FP16_CPU])
+def test_the_sync_free_path_skips_on_the_device_and_rewinds_the_schedule(
+    standins, tmp_path, caplog, path
+) -> None:
+    poison = (3, 4, 7)
+    trainer = make_trainer(
+        tmp_path, PATHS[path](), steps=10, poison=poison, cls=LazyOnCpu, optim="adamw_torch_fused"
+    )
+    if path == NATIVE_FP16_CPU:
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        trainer.accelerator.native_amp = True
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with caplog.at_level(logging.WARNING, logger="clip_train"):
+        trainer.train()
+    assert trainer._lazy is True
+    assert trainer.nonfinite_metrics() == {"train_skipped_nonfinite_steps": 3}
+    assert scheduler_steps(trainer) == 7 and all_finite(trainer.model)
+    assert int(next(iter(trainer.optimizer.optimizer.state.values()))["step"]) == 7  # the kernel skipped 3
+    assert "step 4: non-finite gradients (inf/NaN, skipped on the device)" in caplog.text
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+    # The same run with the eager guard ends at the same weights and learning rate.
+    eager = make_trainer(
+        tmp_path / "eager", PATHS[path](), steps=10, poison=poison, optim="adamw_torch_fused"
+    )
+    if path == NATIVE_FP16_CPU:
+        eager.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        eager.accelerator.native_amp = True
+    eager.train()
+    assert eager._lazy is False
+    for a, b in zip(eager.model.parameters(), trainer.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert eager.lr_scheduler.get_last_lr() == trainer.lr_scheduler.get_last_lr()
