@@ -89,11 +89,12 @@ def run(
     start = time.perf_counter()
     out = trainer.train()
     seconds = time.perf_counter() - start
+    trainer.nonfinite_metrics()  # reads the flags of the last steps (sync-free path)
     sched = getattr(trainer.lr_scheduler, "scheduler", trainer.lr_scheduler)
     scaler = trainer.accelerator.scaler
     return {
         "describe": backend.describe(plan),
-        "skipped_steps": trainer.nonfinite_metrics() and trainer._skipped_steps,
+        "skipped_steps": trainer._skipped_steps,
         "sync_free": trainer._lazy,
         "global_step": trainer.state.global_step,
         "scheduler_steps": sched.last_epoch,
