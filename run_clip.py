@@ -35,9 +35,8 @@ logger = logging.getLogger("run_clip")
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. Arguments ---------------------------------------------------------------------------------------------
-    backend.set_npu_options(
-        backend.detect_family()
-    )  # before TrainingArguments set the device + process group up
+    # The recipe's NPU options go first: parsing TrainingArguments sets the device and process group up.
+    backend.set_npu_options(backend.detect_family())
     model_args, data_args, training_args, recipe_args = parse_args(argv)
     plan, training_args = plan_backend(training_args, recipe_args)
     device_settings.choose(training_args, plan, data.given_options(argv))
