@@ -22,9 +22,10 @@ from transformers import (
     set_seed,
 )
 
-from clip_train import backend, checkpointing, data, loading, outputs
+from clip_train import backend, checkpointing, data, device_settings, loading, outputs
 from clip_train.args import ArgumentError, parse_args, plan_backend
 from clip_train.coco import DataError
+from clip_train.guard import TrainingDiverged
 from clip_train.loss import LogitScaleClamp
 from clip_train.report import save_plots
 from clip_train.trainer import ClipTrainer
@@ -34,9 +35,11 @@ logger = logging.getLogger("run_clip")
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. Arguments ---------------------------------------------------------------------------------------------
+    # The recipe's NPU options go first: parsing TrainingArguments sets the device and process group up.
+    backend.set_npu_options(backend.detect_family())
     model_args, data_args, training_args, recipe_args = parse_args(argv)
     plan, training_args = plan_backend(training_args, recipe_args)
-    backend.set_npu_options(plan.family)
+    device_settings.choose(training_args, plan, data.given_options(argv))
 
     # 2. Logging -----------------------------------------------------------------------------------------------
     logging.basicConfig(
@@ -85,7 +88,10 @@ def main(argv: list[str] | None = None) -> dict:
         "image processor",
         **common,
     )
-    model = loading.load_part(AutoModel, model_args.model_name_or_path, "model", **common)
+    # fp32 whatever dtype the folder was saved in: autocast / apex do the mixed precision.
+    model = loading.load_part(
+        AutoModel, model_args.model_name_or_path, "model", dtype=torch.float32, **common
+    )
     loading.freeze_towers(model, model_args.freeze_vision_model, model_args.freeze_text_model)
     image_size = model.config.vision_config.image_size
 
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_result = trainer.train(resume_from_checkpoint=resume_from)
         metrics = {**train_result.metrics, **trainer.throughput_metrics(), **skipped["train"]}
         metrics.update(trainer.undecodable("train", "train"))
+        metrics.update(trainer.backend_metrics("train"))
         metrics["train_samples"] = len(splits["train"].dataset)
         if not metrics["train_timed_steps"]:
             logger.warning(
@@ -174,7 +181,7 @@ def cli(argv: list[str] | None = None) -> int:
     """main() with set-up and data problems as one line on stderr and exit code 2 (no traceback)."""
     try:
         main(argv)
-    except (ArgumentError, DataError, loading.SetupError) as e:
+    except (ArgumentError, DataError, loading.SetupError, TrainingDiverged) as e:
         print(f"run_clip.py: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -9,7 +9,9 @@ with torch_npu's fused optimizer, clips on its combined buffers.
 Grads in combined buffers (apex, torch_npu's fused optimizers) must stay those buffers' views: the Trainer's
 `model.zero_grad()` sets them to None in torch 2, so the mixin makes it zero them in place, as torch 1.x did.
 
-Overrides: `create_optimizer`, `training_step` (a one-time hook, then the Trainer's own) and `_clip_grad_norm`.
+Overrides: `create_optimizer`, `training_step` (a one-time hook, then the Trainer's own), `_clip_grad_norm` and
+`_load_optimizer_and_scheduler` (apex O2: the fp32 master weights exist before Adam's moments are loaded, so the
+moments keep fp32). The non-finite step guard (clip_train/guard.py) comes with it; its apex hooks are here.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from typing import Any
 
 import torch
 
-from clip_train.backend import APEX_OPTIMIZER, Plan, make_grad_scaler
+from clip_train.backend import APEX_OPTIMIZER, Plan, describe_precision, make_grad_scaler
+from clip_train.guard import STATIC_BACKOFF, NonFiniteGuardMixin, logger
 
 
-class BackendTrainerMixin:
+class BackendTrainerMixin(NonFiniteGuardMixin):
     """Put before `Trainer` in the bases: `class ClipTrainer(BackendTrainerMixin, Trainer)`; pass `backend_plan=`."""
 
     def __init__(self, *args: Any, backend_plan: Plan | None = None, **kwargs: Any) -> None:
@@ -101,3 +104,42 @@ class BackendTrainerMixin:
             self.accelerator.unscale_gradients()  # a no-op without a GradScaler
             return optimizer.clip_grad_norm_fused_(max_norm)
         return super()._clip_grad_norm(model)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint and self._amp is not None:
+            # apex makes its fp32 master params lazily (at the first scale_loss). Loaded before that, torch casts
+            # Adam's moments to the fp16 model params' dtype and small second moments underflow to zero; loaded
+            # after, they land on the fp32 masters bit for bit.
+            self._raw_optimizer._amp_lazy_init()
+        super()._load_optimizer_and_scheduler(checkpoint)
+
+    def backend_metrics(self, prefix: str = "train") -> dict[str, Any]:
+        """What ran (precision, and what was asked instead when it cannot run here) and the skipped non-finite
+        steps, for all_results.json."""
+        metrics: dict[str, Any] = dict(self.nonfinite_metrics(prefix))
+        if self.backend_plan is not None:
+            metrics[f"{prefix}_precision"] = describe_precision(self.backend_plan)
+        return metrics
+
+    # --- apex's part of the non-finite guard ------------------------------------------------------------------
+    def _backend_skip_pending(self) -> bool:
+        # apex's dynamic scaler found the overflow in scale_loss and armed a one-shot skipping optimizer.step.
+        return self._amp is not None and bool(self._raw_optimizer._amp_stash.already_patched)
+
+    def _lower_static_scale(self) -> None:
+        if self._amp is None:
+            return
+        from apex.amp._amp_state import _amp_state
+
+        scaler = _amp_state.loss_scalers[0]
+        if scaler.dynamic:
+            return  # apex backed off already
+        old = scaler.loss_scale()
+        scaler._loss_scale = old * STATIC_BACKOFF
+        logger.warning("apex static loss scale lowered from %.10g to %.10g", old, scaler._loss_scale)
+
+    def _drop_nonfinite_grads(self) -> None:
+        if self._amp is not None:
+            # apex's patched zero_grad: zeroes the model grads and clears the fp32 master grads (which its step
+            # would have cleared), so the next step does not add this step's infs to its own.
+            self._raw_optimizer.zero_grad()

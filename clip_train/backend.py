@@ -43,6 +43,12 @@ class Plan:
     )
     init_scale: float | None = None  # first scale of a dynamic GradScaler (None: library default 2**16)
     notes: list[str] = field(default_factory=list)  # one-line messages for the user
+    instead_of: str | None = (
+        None  # what was asked and does not run here (e.g. "apex O2: Ascend apex not installed")
+    )
+    settings: dict[str, Any] = field(
+        default_factory=dict
+    )  # DDP / TF32 / logging choices (device_settings.py)
 
     @property
     def distributed(self) -> bool:
@@ -114,6 +120,7 @@ def make_plan(
     if fp16_opt_level not in OPT_LEVELS:
         raise ValueError(f"--fp16_opt_level must be one of {', '.join(OPT_LEVELS)}, got {fp16_opt_level!r}")
     scale = parse_loss_scale(loss_scale)
+    _check_apex_combinations(fp16, fp16_opt_level, optim, use_combine_grad)
     notes: list[str] = []
     device, dist_backend = _device(family, world_size, local_rank, device_id, notes)
     plan = Plan(
@@ -126,6 +133,7 @@ def make_plan(
     if fp16 and fp16_opt_level == "O0":
         notes.append("--fp16_opt_level O0 is fp32 training: running fp32")
     elif fp16 and family == "cpu":
+        plan.instead_of = f"fp16 {fp16_opt_level}: no fp16 training on CPU"
         notes.append(
             "--fp16 on CPU: running fp32 (accelerate has no CPU fp16 path and would ignore the flag silently); "
             "pass --bf16 for CPU autocast"
@@ -141,6 +149,23 @@ def make_plan(
         notes.append(f"--loss_scale {loss_scale} ignored: no fp16 loss scaling in this run")
     _native_optimizer(plan, use_combine_grad)
     return plan
+
+
+def _check_apex_combinations(fp16: bool, opt_level: str, optim: str, combine_grad: bool) -> None:
+    """Ascend apex refuses these inside amp.initialize (its NPU fused optimizers only with O1/O2, combine_grad only
+    with O1/O2); refused here on every host, so a command line means the same everywhere."""
+    if not fp16 or opt_level in ("O1", "O2"):
+        return
+    if optim == RECIPE_APEX_OPTIM:
+        raise ValueError(
+            f"--fp16_opt_level {opt_level} with --optim {RECIPE_APEX_OPTIM}: apex runs its NPU fused optimizer "
+            "only with O1 or O2; give --fp16_opt_level O1/O2 or another --optim"
+        )
+    if combine_grad:
+        raise ValueError(
+            f"--fp16_opt_level {opt_level} with --use_combine_grad: apex combines gradients only with O1 or O2; "
+            "give --fp16_opt_level O1/O2 or drop --use_combine_grad"
+        )
 
 
 def _device(family: str, world_size: int, local_rank: int, device_id: int, notes: list[str]):
@@ -180,12 +205,17 @@ def _native_fp16(plan: Plan, opt_level: str, scale: float | str, apex_available:
     family = plan.family
     plan.precision, plan.amp = "fp16", "native"
     if family == "npu" and not apex_available:
+        plan.instead_of = f"apex {opt_level}: Ascend apex not installed"
         plan.notes.append(
-            "Ascend apex not installed: native torch.autocast(npu, fp16) + torch_npu GradScaler"
+            "Ascend apex not installed (it builds for Python 3.7-3.10 only): native torch.autocast(npu, fp16) + "
+            "torch_npu GradScaler"
         )
+    elif opt_level in ("O2", "O3"):
+        plan.instead_of = f"apex {opt_level}: apex amp runs only on Ascend"
     if opt_level in ("O2", "O3"):
         plan.notes.append(
-            f"--fp16_opt_level {opt_level} has no native twin: autocast keeps fp32 weights and casts per op (like O1)"
+            f"--fp16_opt_level {opt_level} has no native twin: autocast keeps fp32 weights and casts per op (like O1), "
+            "no fp16 weights, no fp32 master copy"
         )
     if scale == "dynamic":
         plan.loss_scale = "dynamic"
@@ -227,13 +257,21 @@ def _native_optimizer(plan: Plan, combine_grad: bool) -> None:
         )
 
 
-def describe(plan: Plan) -> str:
-    """The one start-up line: family, device, world size, backend, precision, loss scaling, optimizer."""
+def describe_precision(plan: Plan) -> str:
+    """What computes in which precision, and what was asked instead when that cannot run here."""
     precision = plan.precision
     if plan.amp == "apex":
         precision += f" (apex amp {plan.opt_level})"
     elif plan.amp == "native":
-        precision += " (torch.autocast)"
+        precision += " (torch.autocast, fp32 weights)"
+    if plan.instead_of:
+        precision += f" INSTEAD OF {plan.instead_of}"
+    return precision
+
+
+def describe(plan: Plan) -> str:
+    """The one start-up line: family, device, world size, backend, precision, loss scaling, optimizer, settings."""
+    precision = describe_precision(plan)
     if plan.loss_scale is None:
         scaling = "none"
     elif plan.loss_scale == "dynamic":
@@ -243,9 +281,11 @@ def describe(plan: Plan) -> str:
     optimizer = "apex NpuFusedAdamW" if plan.optimizer == APEX_OPTIMIZER else plan.optimizer
     if plan.combine_grad:
         optimizer += " + combined grads"
+    settings = "".join(f" | {key} {value}" for key, value in plan.settings.items())
     return (
         f"backend: {plan.family} | device {plan.device} | world size {plan.world_size} | "
         f"dist {plan.dist_backend or 'none'} | precision {precision} | loss scale {scaling} | optimizer {optimizer}"
+        + settings
     )
 
 
@@ -293,17 +333,16 @@ def make_grad_scaler(plan: Plan) -> Any | None:
 
 
 def set_npu_options(family: str) -> bool:
-    """The recipe's Ascend start-up settings; a no-op (False) off NPU. Call once, before building the model."""
+    """The recipe's Ascend start-up settings; a no-op (False) off NPU. Call first, before the arguments are parsed:
+    TrainingArguments sets the device and the process group up, and the recipe set these before both."""
     if family != "npu":
         return False
     import torch_npu
 
     torch_npu.npu.set_option(dict(NPU_OPTIONS))
-    if hasattr(torch_npu.npu, "set_compile_mode"):
-        torch_npu.npu.set_compile_mode(jit_compile=False)  # eager op dispatch, as the recipe ran
-    config = getattr(torch_npu.npu, "config", None)
-    if config is not None and hasattr(config, "allow_internal_format"):
-        config.allow_internal_format = False
+    torch_npu.npu.set_compile_mode(jit_compile=False)  # eager op dispatch, as the recipe ran
+    # torch_npu's npuConfig only has a __setattr__ (no readable attribute): set it, never test for it.
+    torch_npu.npu.config.allow_internal_format = False
     return True
 
 

@@ -1,8 +1,9 @@
-"""apex_amp.BackendTrainerMixin driven by a REAL transformers Trainer loop on CPU, with stand-in apex / torch_npu
-(tests/standins: no NPU exists here) recording what the loop calls."""
+"""apex_amp.BackendTrainerMixin and the non-finite guard driven by a REAL transformers Trainer loop on CPU, with
+stand-in apex / torch_npu (tests/standins, modelled on the real sources: no NPU exists here)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -13,32 +14,45 @@ from transformers import Trainer, TrainingArguments
 
 from clip_train import backend
 from clip_train.apex_amp import BackendTrainerMixin
+from clip_train.guard import TrainingDiverged
 
 
 class Tiny(nn.Module):
-    def __init__(self) -> None:
+    """A small regression net; `poison` = training forwards (1-based) whose loss is multiplied by inf."""
+
+    def __init__(self, poison: tuple[int, ...] = ()) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.proj, self.norm, self.head = nn.Linear(8, 32), nn.LayerNorm(32), nn.Linear(32, 1)
+        self.poison, self.calls = set(poison), 0
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> dict:
         y = self.head(self.norm(torch.relu(self.proj(x)))).squeeze(-1)
-        return {"loss": nn.functional.mse_loss(y.float(), labels)}
+        loss = nn.functional.mse_loss(y.float(), labels.float())  # apex O2 casts every float input to fp16
+        if self.training:
+            self.calls += 1
+            if self.calls in self.poison:
+                loss = loss * float("inf")
+        return {"loss": loss}
 
 
 class BackendTrainer(BackendTrainerMixin, Trainer):
-    """How the lead's ClipTrainer inherits the mixin."""
+    """How ClipTrainer inherits the mixin."""
 
 
-def make_trainer(out: Path, plan: backend.Plan, steps: int, cls: type = BackendTrainer) -> Trainer:
+def make_trainer(
+    out: Path, plan: backend.Plan, steps: int, cls: type = BackendTrainer, poison=(), **kw
+) -> Trainer:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 8, generator=g)
     rows = [{"x": x[i], "labels": (x[i] * torch.linspace(-1, 1, 8)).sum()} for i in range(64)]
-    args = TrainingArguments(
-        output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, learning_rate=0.01, weight_decay=0.1,
-        max_grad_norm=1.0, logging_steps=1, save_strategy="no", dataloader_pin_memory=False, report_to="none", disable_tqdm=True,
-    )  # fmt: skip
-    return cls(model=Tiny(), args=backend.apply_plan(args, plan), train_dataset=rows, backend_plan=plan)
+    settings = {
+        "output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": 8, "learning_rate": 0.01,
+        "weight_decay": 0.1, "max_grad_norm": 1.0, "logging_steps": 1, "save_strategy": "no",
+        "dataloader_pin_memory": False, "report_to": "none", "disable_tqdm": True,
+    }  # fmt: skip
+    args = TrainingArguments(**{**settings, **kw})
+    return cls(model=Tiny(poison), args=backend.apply_plan(args, plan), train_dataset=rows, backend_plan=plan)
 
 
 def apex_calls() -> list[str]:
@@ -55,63 +69,247 @@ def the_initialize() -> dict:
     return inits[0]
 
 
-def test_recipe_flags_run_apex_amp_in_the_trainer_loop(standins, tmp_path) -> None:
-    import apex
-    import torch_npu
+def scheduler_steps(trainer: Trainer) -> int:
+    return getattr(trainer.lr_scheduler, "scheduler", trainer.lr_scheduler).last_epoch
 
-    assert backend.ascend_apex_available()  # the stand-in has Ascend apex's shape
+
+def all_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+# --- the recipe's flags on the stand-ins --------------------------------------------------------------------------
+def test_recipe_static_scale_overflows_are_skipped_and_the_scale_lowered(standins, tmp_path, caplog) -> None:
+    """apex O2 with the recipe's static 12800000: fp16 grads overflow to inf (as on a 910B) and apex never skips.
+    The guard skips those steps, halves the scale until the grads fit, and the run then trains."""
+    import apex
+
+    assert backend.ascend_apex_available()
     plan = backend.make_plan(
         "npu", **RECIPE, optim="adamw_apex_fused_npu", use_combine_grad=True, apex_available=True
     )
-    assert backend.set_npu_options(plan.family)
-    assert torch_npu.npu.CALLS[0] == (
-        "set_option", {"ACL_OP_SELECT_IMPL_MODE": "high_performance", "ACL_OPTYPELIST_FOR_IMPLMODE": "LayerNorm"}
-    )  # fmt: skip
-    trainer = make_trainer(tmp_path, plan, steps=4)
+    trainer = make_trainer(tmp_path, plan, steps=16)
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    trainer.train()
+    with caplog.at_level(logging.WARNING, logger="clip_train"):
+        trainer.train()
 
     init = the_initialize()
     assert (init["opt_level"], init["loss_scale"], init["combine_grad"]) == ("O2", S, True)
-    assert init["model"] is trainer.model
     optimizer = init["optimizer"]
     assert isinstance(optimizer, apex.optimizers.NpuFusedAdamW) and trainer.optimizer.optimizer is optimizer
-    assert optimizer.defaults["lr"] == 0.01 and optimizer.defaults["betas"] == (0.9, 0.999)
-    names = {id(p): n for n, p in trainer.model.named_parameters()}
-    groups = [(g["weight_decay"], sorted(names[id(p)] for p in g["params"])) for g in optimizer.param_groups]
-    assert groups == [
-        (0.1, ["head.weight", "proj.weight"]),
-        (0.0, ["head.bias", "norm.bias", "norm.weight", "proj.bias"]),
-    ]
-    # Every step: backward inside scale_loss, the fused clip on the combined grads, then apex's step.
-    assert apex_calls() == ["scale_loss", "clip_optimizer_grad_norm_fused", "step"] * 4
-    assert {
-        call[1] for call in apex.amp.CALLS if call[0] in ("scale_loss", "clip_optimizer_grad_norm_fused")
-    } == {
-        S,
-        1.0,
-    }
-    assert all(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
-    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logged) == 4 and all(
-        torch.isfinite(torch.tensor([e["loss"], e["grad_norm"]])).all() for e in logged
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float16}  # O2: fp16 model weights ...
+    assert {p.dtype for p in apex.amp.master_params(optimizer)} == {torch.float32}  # ... fp32 masters
+    skipped = trainer.nonfinite_metrics()["train_skipped_nonfinite_steps"]
+    assert 0 < skipped < 16, skipped
+    assert "apex static loss scale lowered from 12800000 to 6400000" in caplog.text
+    assert apex.amp._amp_state.loss_scalers[0].loss_scale() == S / 2**skipped
+    assert apex_calls().count("step") == 16 - skipped  # skipped steps never reach the optimizer
+    assert scheduler_steps(trainer) == 16 - skipped  # nor the LR schedule
+    assert all_finite(trainer.model) and all_finite(nn.ParameterList(apex.amp.master_params(optimizer)))
+    assert any(not torch.equal(a, b.float()) for a, b in zip(before, trainer.model.parameters(), strict=True))
+    assert "step 1: non-finite gradients" in caplog.text
+
+
+def test_without_the_guard_a_static_scale_makes_the_weights_nan(standins, tmp_path) -> None:
+    """What the stand-in models: apex's static scaler does not skip, so the overflowed step is applied."""
+
+    class Unguarded(BackendTrainer):
+        def _guarded_step(self, optimizer, original, *args, **kwargs):
+            return original(*args, **kwargs)
+
+    plan = backend.make_plan(
+        "npu", **RECIPE, optim="adamw_apex_fused_npu", use_combine_grad=True, apex_available=True
     )
+    trainer = make_trainer(tmp_path, plan, steps=2, cls=Unguarded)
+    trainer.train()
+    assert not all_finite(trainer.model)
+
+
+# --- injected non-finite gradients on every path ------------------------------------------------------------------
+NATIVE_FP16_CPU = "native fp16 + torch.amp.GradScaler('cpu') + fused AdamW"
+PATHS = {
+    "fp32": lambda: backend.make_plan("cpu", fp16=False, bf16=False),
+    "bf16": lambda: backend.make_plan("cpu", fp16=False, bf16=True),
+    NATIVE_FP16_CPU: lambda: backend.make_plan("npu", **{**RECIPE, "loss_scale": "dynamic"}, optim="adamw_torch_fused"),
+    "torch_npu static GradScaler": lambda: backend.make_plan(
+        "npu", **{**RECIPE, "loss_scale": "1024"}, optim="adamw_apex_fused_npu", use_combine_grad=True
+    ),
+    "apex O2 dynamic": lambda: backend.make_plan(
+        "npu", **{**RECIPE, "loss_scale": "dynamic"}, optim="adamw_apex_fused_npu", apex_available=True
+    ),
+    "apex O2 static": lambda: backend.make_plan(
+        "npu", **{**RECIPE, "loss_scale": "1024"}, optim="adamw_apex_fused_npu", use_combine_grad=True,
+        apex_available=True,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_injected_nonfinite_steps_are_skipped_counted_and_hold_the_schedule(
+    standins, tmp_path, caplog, path
+) -> None:
+    poison = (3, 4, 7)
+    trainer = make_trainer(tmp_path, PATHS[path](), steps=10, poison=poison)
+    if path == NATIVE_FP16_CPU:
+        # accelerate makes no GradScaler on a CPU device (fp16 autocast does run there); torch's works on CPU.
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        trainer.accelerator.native_amp = True
+    if path == "torch_npu static GradScaler":
+        trainer.accelerator.scaler = (
+            "accelerate's dynamic default"  # made only on a real NPU; the mixin swaps it
+        )
+    with caplog.at_level(logging.WARNING, logger="clip_train"):
+        trainer.train()
+    skipped = trainer.nonfinite_metrics()["train_skipped_nonfinite_steps"]
+    # apex's dynamic scale starts at 2**16, which this model's fp16 grads overflow at first: skipped as well
+    assert skipped == 3 if path != "apex O2 dynamic" else set(poison) < set(trainer._skipped_steps)
+    assert trainer.state.global_step == 10 and scheduler_steps(trainer) == 10 - skipped  # applied steps only
+    assert all_finite(trainer.model)
+    for step in poison:
+        assert f"step {step}: non-finite gradients" in caplog.text
+    if path == NATIVE_FP16_CPU:
+        assert (
+            isinstance(trainer.optimizer.optimizer, torch.optim.AdamW)
+            and trainer.optimizer.optimizer.defaults["fused"]
+        )
+        assert trainer.accelerator.scaler.get_scale() == 2.0**10 / 2**3  # backed off once per skipped step
+        assert int(next(iter(trainer.optimizer.optimizer.state.values()))["step"]) == 7
+    if path == "torch_npu static GradScaler":
+        assert trainer.accelerator.scaler.get_scale() == 1024 / 2**3  # static: lowered by the guard (said)
+        assert "static loss scale lowered from 1024 to 512" in caplog.text
+    if path.startswith("apex"):
+        assert apex_calls().count("step") == 10 - skipped
+        assert ("skip_step" in apex_calls()) == path.endswith(
+            "dynamic"
+        )  # apex's own skip, counted by the guard
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_saves_no_nan(tmp_path) -> None:
+    class QuickToGiveUp(BackendTrainer):
+        max_consecutive_skips = 3
+
+    plan = backend.make_plan("cpu", fp16=False, bf16=False, optim="adamw_torch")
+    trainer = make_trainer(
+        tmp_path, plan, steps=40, cls=QuickToGiveUp, learning_rate=1e36, save_strategy="steps", save_steps=1,
+        save_total_limit=0,
+    )  # fmt: skip
+    with pytest.raises(TrainingDiverged, match="3 optimizer steps in a row .* non-finite gradients"):
+        trainer.train()
+    assert all_finite(trainer.model)
+    saved = sorted(tmp_path.glob("checkpoint-*/model.safetensors"))
+    assert saved
+    from safetensors.torch import load_file
+
+    for path in saved:
+        assert all(bool(torch.isfinite(t).all()) for t in load_file(path).values()), path
+
+
+def test_nonfinite_weights_are_never_saved(tmp_path) -> None:
+    trainer = make_trainer(tmp_path, backend.make_plan("cpu", fp16=False, bf16=False), steps=1)
+    with torch.no_grad():
+        trainer.model.head.bias.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="parameter head.bias is not finite"):
+        trainer.save_model(str(tmp_path / "final"))
+    assert not (tmp_path / "final").exists()
+
+
+# --- apex O2 resume -----------------------------------------------------------------------------------------------
+class Snapshot(BackendTrainer):
+    """Records the optimizer's per-param state right after a resume loaded it."""
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        opt = self.optimizer.optimizer
+        params = [p for g in opt.param_groups for p in g["params"]]
+        self.loaded = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
+
+
+class Unfixed(Snapshot):
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        Trainer._load_optimizer_and_scheduler(self, checkpoint)  # before apex has its masters (the old order)
+        opt = self.optimizer.optimizer
+        opt._amp_lazy_init()
+        self.loaded = [
+            {k: v.clone() for k, v in opt.state[p].items()} for g in opt.param_groups for p in g["params"]
+        ]
+
+
+@pytest.mark.parametrize("cls", [Snapshot, Unfixed], ids=["fixed", "old-order"])
+def test_apex_o2_resume_keeps_adam_moments_in_fp32(standins, tmp_path, cls) -> None:
+    plan = backend.make_plan("npu", **{**RECIPE, "loss_scale": "dynamic"}, optim="adamw_apex_fused_npu",
+                             apex_available=True)  # fmt: skip
+    first = make_trainer(tmp_path, plan, steps=3, save_strategy="steps", save_steps=3, learning_rate=1e-4)
+    first.train()
+    saved = torch.load(tmp_path / "checkpoint-3" / "optimizer.pt", weights_only=True)["state"]
+    moments = [saved[i]["exp_avg_sq"] for i in sorted(saved)]
+    assert {m.dtype for m in moments} == {torch.float32}
+    tiny = torch.cat([m.flatten() for m in moments])
+    assert bool(((tiny > 0) & (tiny < 6e-8)).any()), "precondition: some second moments below fp16's smallest"
+
+    import standins
+
+    standins.uninstall()  # a fresh apex for the second process-like run
+    import apex  # noqa: F401
+
+    second = make_trainer(tmp_path, plan, steps=4, cls=cls, learning_rate=1e-4)
+    second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    exact = all(
+        torch.equal(second.loaded[i][k], saved[i][k]) and second.loaded[i][k].dtype == saved[i][k].dtype
+        for i in sorted(saved) for k in ("exp_avg", "exp_avg_sq")
+    )  # fmt: skip
+    assert exact == (cls is Snapshot)
+
+
+# --- restrictions and contracts of the real libraries -------------------------------------------------------------
+def test_apex_refuses_o3_with_its_fused_optimizer_and_combine_grad(standins) -> None:
+    """The stand-in refuses what Ascend apex refuses; run_clip.py refuses it first (test_backend)."""
+    import apex
+
+    for opt_level, combine in (("O3", False), ("O0", False), ("O3", True)):
+        model = Tiny()
+        optimizer = (
+            apex.optimizers.NpuFusedAdamW(model.parameters())
+            if not combine
+            else torch.optim.AdamW(model.parameters())
+        )
+        with pytest.raises(RuntimeError, match="opt_level='O1' or opt_level='O2'"):
+            apex.amp.initialize(model, optimizer, opt_level=opt_level, combine_grad=combine or None)
+
+
+def test_apex_patches_module_zero_grad_globally_and_uninstall_restores_it(standins) -> None:
+    import apex
+
+    original = torch.nn.Module.zero_grad
+    model = Tiny()
+    apex.amp.initialize(model, torch.optim.AdamW(model.parameters()), opt_level="O1", combine_grad=True)
+    assert torch.nn.Module.zero_grad is not original
+    model(torch.ones(2, 8), torch.ones(2))["loss"].backward()
+    grads = [p.grad for p in model.parameters()]
+    nn.Linear(1, 1).zero_grad()  # any module
+    model.zero_grad()
+    assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), grads, strict=True))
+    with pytest.raises(AssertionError, match="set_to_none"):
+        model.zero_grad(set_to_none=True)
+    import standins
+
+    standins.uninstall()
+    assert torch.nn.Module.zero_grad is original
 
 
 def test_apex_without_combine_grad_clips_the_master_params(standins, tmp_path) -> None:
     plan = backend.make_plan(
-        "npu",
-        **{**RECIPE, "loss_scale": None},
-        optim="adamw_torch",
-        use_combine_grad=False,
-        apex_available=True,
+        "npu", **{**RECIPE, "loss_scale": None}, optim="adamw_torch", apex_available=True
     )
-    trainer = make_trainer(tmp_path, plan, steps=2)
+    trainer = make_trainer(tmp_path, plan, steps=4)
     trainer.train()
     init = the_initialize()
     assert (init["loss_scale"], init["combine_grad"]) == ("dynamic", False)
     assert type(init["optimizer"]) is torch.optim.AdamW  # the Trainer's own optimizer, amp-initialized
-    assert apex_calls() == ["scale_loss", "master_params", "step"] * 2
+    # apex's dynamic scale starts at 2**16: this model's first fp16 backward passes overflow and apex skips them
+    calls = apex_calls()
+    assert calls[::2] == ["scale_loss"] * 4 and set(calls[1::2]) == {"step", "skip_step"}
+    skipped = calls.count("skip_step")
+    assert trainer.nonfinite_metrics() == {"train_skipped_nonfinite_steps": skipped}
+    assert scheduler_steps(trainer) == 4 - skipped
 
 
 NPU_NATIVE_COMBINED = {
@@ -133,22 +331,17 @@ def test_without_apex_torch_npu_fused_optimizer_clips_its_combined_grads(standin
     assert "backward" not in vars(trainer.accelerator)  # no apex: the Trainer's own backward
 
 
-@pytest.mark.parametrize(
-    "flags",
-    [
-        {**RECIPE, "optim": "adamw_apex_fused_npu", "use_combine_grad": True, "apex_available": True},
-        NPU_NATIVE_COMBINED,
-    ],
-    ids=["apex", "torch_npu-fused"],
-)
-def test_torch2_zero_grad_would_detach_the_combined_grads(standins, tmp_path, flags) -> None:
-    """Without the mixin's training_step hook the loop's model.zero_grad() sets grads to None between steps."""
+def test_torch2_zero_grad_would_detach_torch_npu_combined_grads(standins, tmp_path) -> None:
+    """Without the mixin's training_step hook the loop's model.zero_grad() sets grads to None between steps (under
+    apex its global zero_grad patch keeps them; torch_npu's fused optimizers have no such patch)."""
 
     class WithoutHook(BackendTrainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
             return Trainer.training_step(self, model, inputs, num_items_in_batch)
 
-    trainer = make_trainer(tmp_path, backend.make_plan("npu", **flags), steps=2, cls=WithoutHook)
+    trainer = make_trainer(
+        tmp_path, backend.make_plan("npu", **NPU_NATIVE_COMBINED), steps=2, cls=WithoutHook
+    )
     with pytest.raises(RuntimeError, match="no longer its combined-buffer tensor"):
         trainer.train()
 
@@ -159,11 +352,10 @@ def test_native_npu_fp16_gets_a_static_grad_scaler(standins, tmp_path) -> None:
     plan = backend.make_plan("npu", **RECIPE, optim="adamw_apex_fused_npu", apex_available=False)
     trainer = make_trainer(tmp_path, plan, steps=1)
     assert trainer.args.fp16 and trainer.args.optim == "adamw_torch_npu_fused"
-    # accelerate makes its dynamic scaler only on a real NPU; stand in for it so the swap can be seen.
-    trainer.accelerator.scaler = "accelerate's dynamic default"
+    trainer.accelerator.scaler = "accelerate's dynamic default"  # made only on a real NPU; stand in for it
     optimizer = trainer.create_optimizer()
     assert isinstance(optimizer, torch_npu.optim.NpuFusedAdamW)  # via transformers' adamw_torch_npu_fused
-    assert (trainer.accelerator.scaler.init_scale, trainer.accelerator.scaler.dynamic) == (S, False)
+    assert (trainer.accelerator.scaler.get_scale(), trainer.accelerator.scaler.dynamic) == (S, False)
 
 
 def test_off_the_apex_path_the_trainer_runs_unchanged(tmp_path) -> None:
@@ -172,4 +364,61 @@ def test_off_the_apex_path_the_trainer_runs_unchanged(tmp_path) -> None:
     trainer.train()
     assert "backward" not in vars(trainer.accelerator) and "zero_grad" not in vars(trainer.model)
     assert type(trainer.optimizer.optimizer) is torch.optim.AdamW and trainer.accelerator.scaler is None
-    assert trainer.state.global_step == 2
+    assert trainer.state.global_step == 2 and scheduler_steps(trainer) == 2
+    assert trainer.backend_metrics() == {"train_skipped_nonfinite_steps": 0, "train_precision": "fp32"}
+
+
+def test_without_the_trainers_filter_logged_losses_stay_finite(tmp_path) -> None:
+    """On accelerators device_settings turns the Trainer's syncing loss filter off; the guard filters on the device."""
+    plan = backend.make_plan("cpu", fp16=False, bf16=False)
+    trainer = make_trainer(
+        tmp_path, plan, steps=6, poison=(2, 5), logging_steps=3, logging_nan_inf_filter=False
+    )
+    out = trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert (
+        len(losses) == 2
+        and all(torch.isfinite(torch.tensor(losses)))
+        and out.training_loss == out.training_loss
+    )
+    assert trainer.nonfinite_metrics() == {"train_skipped_nonfinite_steps": 2}
+
+
+class LazyOnCpu(BackendTrainer):
+    """The guard's sync-free CUDA path (fused AdamW's found_inf, the flag read a step later), driven on CPU."""
+
+    lazy_devices = ("cuda", "cpu")
+
+
+@pytest.mark.parametrize("path", ["fp32", NATIVE_FP16_CPU])
+def test_the_sync_free_path_skips_on_the_device_and_rewinds_the_schedule(
+    standins, tmp_path, caplog, path
+) -> None:
+    poison = (3, 4, 7)
+    trainer = make_trainer(
+        tmp_path, PATHS[path](), steps=10, poison=poison, cls=LazyOnCpu, optim="adamw_torch_fused"
+    )
+    if path == NATIVE_FP16_CPU:
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        trainer.accelerator.native_amp = True
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with caplog.at_level(logging.WARNING, logger="clip_train"):
+        trainer.train()
+    assert trainer._lazy is True
+    assert trainer.nonfinite_metrics() == {"train_skipped_nonfinite_steps": 3}
+    assert scheduler_steps(trainer) == 7 and all_finite(trainer.model)
+    assert int(next(iter(trainer.optimizer.optimizer.state.values()))["step"]) == 7  # the kernel skipped 3
+    assert "step 4: non-finite gradients (inf/NaN, skipped on the device)" in caplog.text
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
+    # The same run with the eager guard ends at the same weights and learning rate.
+    eager = make_trainer(
+        tmp_path / "eager", PATHS[path](), steps=10, poison=poison, optim="adamw_torch_fused"
+    )
+    if path == NATIVE_FP16_CPU:
+        eager.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        eager.accelerator.native_amp = True
+    eager.train()
+    assert eager._lazy is False
+    for a, b in zip(eager.model.parameters(), trainer.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert eager.lr_scheduler.get_last_lr() == trainer.lr_scheduler.get_last_lr()

@@ -6,6 +6,10 @@ import importlib
 import sys
 from pathlib import Path
 
+import torch
+
+_MODULE_ZERO_GRAD = torch.nn.Module.zero_grad  # the stand-in apex replaces it globally, as real apex does
+
 HERE = Path(__file__).resolve().parent
 NAMES = ("torch_npu", "apex")
 
@@ -25,5 +29,6 @@ def install(monkeypatch) -> None:
 
 def uninstall() -> None:
     """Forget the imported stand-ins so later tests see the real environment (monkeypatch restores sys.path)."""
+    torch.nn.Module.zero_grad = _MODULE_ZERO_GRAD
     _drop_modules()
     importlib.invalidate_caches()

@@ -1,5 +1,6 @@
-"""STAND-IN for torch_npu.optim (no NPU exists on this machine): NpuFusedAdamW computes as torch AdamW and keeps
-the contract of torch_npu's NpuFusedOptimizerBase: grads are combined at the first step and must stay the params'
+"""STAND-IN for torch_npu.optim (Ascend/pytorch torch_npu 2.x: torch_npu/optim/npu_fused_optim_base.py and
+npu_fused_adamw.py; no NPU exists here): NpuFusedAdamW computes as torch AdamW and keeps the contract of
+NpuFusedOptimizerBase: grads are combined at the first step and must stay the params'
 `.grad` tensors afterwards, `zero_grad(set_to_none=True)` raises, `clip_grad_norm_fused_` clips the combined grads."""
 
 import torch

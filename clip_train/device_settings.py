@@ -1,0 +1,92 @@
+"""Settings chosen per device family: DDP, TF32, the loss-logging filter, one process per device.
+
+Each is set only when the user did not give its TrainingArguments flag (`--ddp_find_unused_parameters`,
+`--ddp_broadcast_buffers`, `--ddp_bucket_cap_mb`, `--logging_nan_inf_filter`, `--tf32`), and each choice is
+recorded in `plan.settings`, which the start-up line prints.
+
+- find_unused_parameters off: every trainable parameter of the dual encoder gets a gradient at every step (frozen
+  towers have requires_grad=False, which DDP leaves out; tests/test_device_settings.py checks it on 2 gloo ranks),
+  so the Trainer's default (on) only costs a graph traversal per step.
+- broadcast_buffers off: the model's buffers (position / token-type ids) are constants; re-sending them each
+  forward is wasted traffic.
+- bucket size: the recipe's 150 MB on Ascend (HCCL's per-call cost favours few, large all-reduces); on CUDA
+  torch's 25 MB, stated: NCCL on NVLink/PCIe starts the first all-reduce earlier with small buckets, so more of it
+  overlaps the backward pass (150 MB would hold ~40 M fp32 gradients, a quarter of clip-roberta, before the first
+  all-reduce starts). Not measured here (no multi-GPU host was available): pass --ddp_bucket_cap_mb to tune it.
+- logging_nan_inf_filter off on accelerators: it syncs host and device at every micro-step; the non-finite
+  guard (guard.py) skips and counts non-finite steps instead, and keeps their loss out of the logged mean on the
+  device (no sync).
+- TF32 on for fp32 runs on CUDA GPUs that have it (matmuls and convolutions in TF32, ~8x the fp32 rate on Ampere+).
+- A single process that sees several CUDA GPUs (`python3 run_clip.py` without torchrun) trains on cuda:0 only
+  instead of the Trainer's nn.DataParallel over all of them (slow, and its images would be normalised on cuda:0
+  and scattered as fp32); the log says to use the launcher or torchrun for all of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .backend import Plan
+
+BUCKET_CAP_MB = {"npu": 150, "cuda": 25}
+
+
+def choose(training_args: Any, plan: Plan, given: set[str]) -> dict[str, Any]:
+    """Set the per-family defaults on `training_args` (in place) for flags not in `given`; returns what was set."""
+    chosen: dict[str, Any] = {}
+
+    def choose_one(name: str, value: Any) -> None:
+        if name not in given:
+            setattr(training_args, name, value)
+            chosen[name] = value
+
+    if plan.distributed:
+        choose_one("ddp_find_unused_parameters", False)
+        choose_one("ddp_broadcast_buffers", False)
+        if plan.family in BUCKET_CAP_MB:
+            choose_one("ddp_bucket_cap_mb", BUCKET_CAP_MB[plan.family])
+        plan.settings["ddp"] = (
+            f"find_unused_parameters={training_args.ddp_find_unused_parameters} "
+            f"broadcast_buffers={training_args.ddp_broadcast_buffers} "
+            f"bucket_cap_mb={training_args.ddp_bucket_cap_mb or 25}"
+        )
+    if plan.family != "cpu":
+        choose_one("logging_nan_inf_filter", False)
+        plan.settings["nan/inf loss filter"] = (
+            "Trainer's" if training_args.logging_nan_inf_filter else "on device"
+        )
+    if plan.family == "cuda" and plan.precision == "fp32" and "tf32" not in given and _tf32_available():
+        choose_one("tf32", True)
+        _enable_tf32()
+    if plan.family == "cuda":
+        plan.settings["tf32"] = "on" if training_args.tf32 else "off"
+    note = one_device_per_process(training_args, plan)
+    if note:
+        plan.notes.append(note)
+    return chosen
+
+
+def one_device_per_process(training_args: Any, plan: Plan) -> str | None:
+    """Without torchrun, train on one GPU (cuda:0) however many are visible; returns the note to log, if any."""
+    if plan.distributed or plan.family != "cuda":
+        return None
+    visible = training_args.n_gpu
+    if visible <= 1:
+        return None
+    training_args._n_gpu = 1  # the Trainer wraps the model in nn.DataParallel when n_gpu > 1
+    return (
+        f"{visible} GPUs visible but one process (no torchrun): training on cuda:0 only, not nn.DataParallel; "
+        f"for all of them use the launcher (test/train_clip_*_8p.sh) or torchrun --nproc_per_node {visible}"
+    )
+
+
+def _tf32_available() -> bool:
+    from transformers.utils import is_torch_tf32_available
+
+    return bool(is_torch_tf32_available())
+
+
+def _enable_tf32() -> None:
+    from transformers.utils.import_utils import enable_tf32
+
+    enable_tf32(True)  # what TrainingArguments(tf32=True) does: torch's fp32_precision API on torch >= 2.9
