@@ -1,0 +1,150 @@
+"""Every bad argument: exit code 2, one ``run_clip.py: error:`` line naming it, no traceback, nothing written.
+
+One row per bad input, run in this process through ``run_clip.cli`` (as tests/test_bad_setup.py does, which covers
+bad data folders and model folders; tests/test_run_clip.py covers the process plumbing). Every row must fail before
+anything is loaded or written: the output folder must not even be created.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+
+import run_clip
+from clip_train import args as clip_args
+
+
+def files(tmp) -> dict[str, str]:
+    """Bad and good table files, and a plain file to point folder arguments at."""
+    made = {
+        "a-file": "just a file\n",
+        "bad.jsonl": '{"image_path": "a.jpg", "caption": "a cat"}\n{"image_path": "b.jpg", "caption": "a dog"}\n'
+        '{"image_path": "c.jpg", caption: oops}\n',
+        "ragged.csv": "image_path,caption\na.jpg,a cat\nb.jpg,a dog,extra\n",
+        "nocaption.csv": "image_path,text\na.jpg,a cat\n",
+        "nocolumn.jsonl": '{"image_path": "a.jpg", "caption": "a cat"}\n{"image_path": "b.jpg"}\n',
+        "notalist.json": "[1, 2]\n",
+        "empty.csv": "",
+        "captions.txt": "a.jpg\ta cat\n",
+    }
+    for name, text in made.items():
+        (tmp / name).write_text(text)
+    return {name: str(tmp / name) for name in made}
+
+
+# (extra arguments; {file} names are filled from files(); the words the error line must hold)
+ROWS: list[tuple[list[str], str]] = [
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: expected a whole number >= 1"),
+    (["--per_device_train_batch_size", "-4"], "--per_device_train_batch_size -4: expected"),
+    (["--per_device_train_batch_size", "abc"], "--per_device_train_batch_size abc: expected a whole number"),
+    (["--per_device_eval_batch_size", "0"], "--per_device_eval_batch_size 0: expected"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0: expected"),
+    (["--dataloader_num_workers", "-1"], "--dataloader_num_workers -1: expected a whole number >= 0"),
+    (["--preprocessing_num_workers", "0"], "--preprocessing_num_workers 0: expected"),
+    (["--skip_steps", "-3"], "--skip_steps -3: expected a whole number of steps >= 0"),
+    (["--max_seq_length", "0"], "--max_seq_length 0: expected a whole number of tokens >= 1"),
+    (["--max_train_samples", "0"], "--max_train_samples 0: expected"),
+    (["--max_eval_samples", "-1"], "--max_eval_samples -1: expected"),
+    (["--max_steps", "-5"], "--max_steps -5: expected a number of steps >= 1, or -1"),
+    (["--max_steps", "-1", "--num_train_epochs", "0"], "--num_train_epochs 0.0: expected a number of epochs > 0"),
+    (["--learning_rate", "-1"], "--learning_rate -1.0: expected a number > 0"),
+    (["--learning_rate", "nan"], "--learning_rate nan: expected a number > 0"),
+    (["--learning_rate", "fast"], "--learning_rate fast: expected a number"),
+    (["--weight_decay", "-0.1"], "--weight_decay -0.1: expected a number >= 0"),
+    (["--warmup_steps", "-1"], "--warmup_steps -1: Got warmup_steps = -1.0, Expected value warmup_steps >= 0"),
+    (["--adam_beta1", "1.5"], "--adam_beta1 1.5: expected a number in [0, 1)"),
+    (["--seed", "-1"], "--seed -1: expected"),
+    (["--max_logit_scale", "0.5"], "--max_logit_scale 0.5: expected the multiplier"),
+    (["--loss_scale", "abc"], "--loss_scale abc: expected a number > 0 (a static scale) or dynamic"),
+    (["--loss_scale", "-5"], "--loss_scale -5: expected"),
+    (["--fp16_opt_level", "O4"], "--fp16_opt_level O4: expected one of O0, O1, O2, O3"),
+    (["--loss_scope", "world"], "--loss_scope world: expected local or global"),
+    (["--lr_scheduler_type", "zigzag"], "--lr_scheduler_type zigzag: expected one of linear, cosine"),
+    (["--do_train", "maybe"], "--do_train: Truthy value expected: got maybe"),
+    (["--save_steps", "-1"], "--save_steps"),
+    (["--save_total_limit", "-2"], "--save_total_limit -2: expected"),
+    (["--logging_steps", "-10"], "--logging_steps"),
+    (["--eval_strategy", "steps", "--eval_steps", "-5"], "--eval_steps"),
+    (["--image_column", ""], "--image_column : empty; expected a column name"),
+    (["--image_cache_dir", "{a-file}"], "--image_cache_dir {a-file}: is not writable (it is a file, not a folder)"),
+    (["--image_cache_dir", "{a-file}/cache"], "--image_cache_dir {a-file}/cache: is not writable (cannot be created"),
+    (["--cache_dir", "/dev/null/hub"], "--cache_dir /dev/null/hub: is not writable"),
+    (["--data_dir", "{a-file}"], "--data_dir {a-file}: is not a folder (it is a file)"),
+    (["--model_name_or_path", "/nonexistent/clip-roberta"], "--model_name_or_path /nonexistent/clip-roberta: is not a folder"),
+    (["--tokenizer_name", "{a-file}"], "--tokenizer_name {a-file}: is not a folder"),
+    (["--train_file", "{tmp}/missing.csv"], "--train_file {tmp}/missing.csv: no such file"),
+    (["--train_file", "{bad.jsonl}"], "--train_file {bad.jsonl}: line 3 is not valid JSON"),
+    (["--train_file", "{ragged.csv}"], "--train_file {ragged.csv}: line 3 has 3 fields, the header has 2"),
+    (["--train_file", "{nocaption.csv}"], "--train_file {nocaption.csv}: has no column caption"),
+    (["--train_file", "{empty.csv}"], "--train_file {empty.csv}: is empty"),
+    (["--train_file", "{notalist.json}"], "--train_file {notalist.json}: row 1 is not a JSON object"),
+    (["--train_file", "{captions.txt}"], "--train_file {captions.txt}: has the extension .txt"),
+    (["--validation_file", "{nocolumn.jsonl}"], "--validation_file {nocolumn.jsonl}: line 2 has no caption"),
+    (["--resume_from_checkpoint", "{tmp}/checkpoint-9"], "--resume_from_checkpoint {tmp}/checkpoint-9: is not a folder"),
+    (["--output_dir", "{a-file}"], "--output_dir {a-file}: is not writable (it is a file"),
+]  # fmt: skip
+
+
+def base_args(data_dir: str, model_dir: str, out: str) -> list[str]:
+    return [
+        "--output_dir", out, "--model_name_or_path", model_dir, "--data_dir", data_dir, "--do_train", "--do_eval",
+        "--max_steps", "2", "--per_device_train_batch_size", "8", "--report_to", "none",
+    ]  # fmt: skip
+
+
+def with_extra(base: list[str], extra: list[str]) -> list[str]:
+    """``base`` with ``extra`` appended; a flag given in both takes extra's value (argparse keeps the last)."""
+    return base + extra
+
+
+@pytest.mark.parametrize(("extra", "message"), ROWS, ids=[" ".join(r[0]) or "empty" for r in ROWS])
+def test_bad_argument(demo, tmp_path, capfd, extra, message) -> None:
+    names = {**files(tmp_path), "tmp": str(tmp_path)}
+
+    def fill(text: str) -> str:
+        for name, path in names.items():
+            text = text.replace("{" + name + "}", path)
+        return text
+
+    out = tmp_path / "out"
+    argv = with_extra(base_args(*demo, str(out)), [fill(a) for a in extra])
+    rc = run_clip.cli(argv)
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("run_clip.py: error:")]
+    assert rc == 2, err[-3000:]
+    assert len(lines) == 1 and fill(message) in lines[0], err[-3000:]
+    assert "Traceback" not in err
+    assert not out.exists(), "the output folder was created before the arguments were checked"
+    assert len(ROWS) >= 25
+
+
+def test_every_rule_names_an_argument_the_parser_knows() -> None:
+    """A typo in RULES would silently check nothing: every rule's argument must be a field of the dataclasses."""
+    import dataclasses
+
+    from clip_train.validate import RULES
+
+    fields = {f.name for cls in clip_args.ARG_CLASSES for f in dataclasses.fields(cls)}
+    assert [r.arg for r in RULES if r.arg not in fields] == []
+
+
+def test_max_seq_length_above_the_text_tower_is_capped_with_one_warning(demo, tmp_path, caplog) -> None:
+    caplog.set_level(logging.WARNING)
+    *_, model_dir = demo
+    text = json.load(open(os.path.join(model_dir, "config.json")))["text_config"]
+    limit = text["max_position_embeddings"] - (
+        text["pad_token_id"] + 1
+    )  # RoBERTa numbers from padding_idx + 1
+    parsed = clip_args.parse_args(base_args(*demo, str(tmp_path / "out")) + ["--max_seq_length", "1000"])
+    assert parsed[1].max_seq_length == limit
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"run_clip.py: warning: --max_seq_length 1000 is above what the text tower can take ({limit} tokens): "
+        f"capped to {limit}"
+    ]
+    caplog.clear()
+    assert clip_args.parse_args(base_args(*demo, str(tmp_path / "out")) + ["--max_seq_length", str(limit)])
+    assert not caplog.records
