@@ -182,7 +182,8 @@ def parse_args(argv: list[str] | None = None) -> tuple:
     recipe_args.requested_optim = asked or training_args.optim.value
     if model_args.feature_extractor_name and not model_args.image_processor_name:
         model_args.image_processor_name = model_args.feature_extractor_name
-    validate.check_args(model_args, data_args, training_args, recipe_args)  # before anything is loaded or written
+    # Every value checked before anything is loaded or written (clip_train/validate.py).
+    validate.check_args(model_args, data_args, training_args, recipe_args)
     return model_args, data_args, training_args, recipe_args
 
 

@@ -9,7 +9,6 @@ A rule whose argument no dataclass declares is skipped, so rules for flags still
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -19,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from .backend import OPT_LEVELS, parse_loss_scale
+from .validate_tables import table_file
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,8 @@ def creatable_folder(v: Any, a: Any) -> str | None:
     """An existing writable folder, or one whose nearest existing parent is a writable folder. Creates nothing."""
     if v is None:
         return None
+    if not str(v).strip():
+        return "is empty"
     path = os.path.abspath(os.path.expanduser(v))
     if os.path.exists(path):
         if not os.path.isdir(path):
@@ -128,69 +130,33 @@ def creatable_folder(v: Any, a: Any) -> str | None:
     return None
 
 
-def table_file(v: Any, a: Any) -> str | None:
-    """An existing .csv / .json / .jsonl file that parses, with --image_column and --caption_column."""
-    if v is None:
+def reporters(v: Any, a: Any) -> str | None:
+    """Every --report_to name known to transformers and installed here (else the Trainer fails after set-up)."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    names = [v] if isinstance(v, str) else list(v or [])
+    unknown = [n for n in names if n not in INTEGRATION_TO_CALLBACK and n not in ("none", "all")]
+    if unknown:
+        return f"{', '.join(unknown)} is not a reporting integration"
+    missing = [
+        n for n in names if n in INTEGRATION_TO_CALLBACK and n not in get_available_reporting_integrations()
+    ]
+    return f"{', '.join(missing)} is not installed (pip install it, or report_to none)" if missing else None
+
+
+def json_object(v: Any, a: Any) -> str | None:
+    """A dict option given on the command line must be a JSON object (the parser leaves any other text a string)."""
+    return None if v is None or isinstance(v, dict) else "is not a JSON object"
+
+
+def coco_column(v: Any, a: Any) -> str | None:
+    """Without --train_file / --validation_file the rows are COCO's, so the column must be one of them."""
+    from .coco import COLUMNS
+
+    if a.train_file or a.validation_file or v is None or v in COLUMNS:
         return None
-    ext = v.rsplit(".", 1)[-1].lower() if "." in os.path.basename(v) else ""
-    if ext not in ("csv", "json", "jsonl"):
-        return f"has the extension {'.' + ext if ext else '(none)'}"
-    if not os.path.isfile(v):
-        return "no such file" if not os.path.exists(v) else "is a folder, not a file"
-    columns = [c for c in (a.image_column, a.caption_column) if c]
-    try:
-        return _csv_problem(v, columns) if ext == "csv" else _json_problem(v, columns)
-    except UnicodeDecodeError as e:
-        return f"is not UTF-8 text (byte {e.start})"
-
-
-def _csv_problem(path: str, columns: Sequence[str]) -> str | None:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if not header:
-            return "is empty (expected a header line naming the columns)"
-        missing = [c for c in columns if c not in header]
-        if missing:
-            return f"has no column {', '.join(missing)} (header: {', '.join(header)}); set --image_column / --caption_column"
-        try:
-            for row in reader:
-                if row and len(row) != len(header):
-                    return f"line {reader.line_num} has {len(row)} fields, the header has {len(header)}"
-        except csv.Error as e:
-            return f"line {reader.line_num} is not valid CSV ({e})"
-    return None
-
-
-def _json_problem(path: str, columns: Sequence[str]) -> str | None:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if not text.strip():
-        return "is empty"
-    if text.lstrip().startswith("["):  # one JSON array of objects, which datasets also reads
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            return f"line {e.lineno} is not valid JSON ({e.msg})"
-        return _rows_problem(((i + 1, r) for i, r in enumerate(rows)), columns, "row")
-    numbered = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                numbered.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                return f"line {n} is not valid JSON ({e.msg})"
-    return _rows_problem(numbered, columns, "line")
-
-
-def _rows_problem(rows: Any, columns: Sequence[str], unit: str) -> str | None:
-    for n, row in rows:
-        if not isinstance(row, dict):
-            return f"{unit} {n} is not a JSON object"
-        missing = [c for c in columns if c not in row]
-        if missing:
-            return f"{unit} {n} has no {', '.join(missing)} (it has {', '.join(row) or 'nothing'}); set --image_column / --caption_column"
-    return None
+    return f"is not a COCO column ({', '.join(COLUMNS)})"
 
 
 def _training(a: Any) -> bool:
@@ -214,6 +180,8 @@ RULES: list[Rule] = [
     Rule("resume_from_checkpoint", when(_training, checkpoint), "a checkpoint-N folder of an earlier run", "give one, or leave it out to resume from --output_dir's last"),
     Rule("image_column", non_empty, "a column name", "e.g. image_path"),
     Rule("caption_column", non_empty, "a column name", "e.g. caption"),
+    Rule("image_column", coco_column, "a column of the rows", "image_path for COCO"),
+    Rule("caption_column", coco_column, "a column of the rows", "caption for COCO"),
     # sizes and counts
     Rule("per_device_train_batch_size", whole(1), "a whole number >= 1", "e.g. 64, the recipe's; lower it if memory runs out"),
     Rule("per_device_eval_batch_size", whole(1), "a whole number >= 1", "e.g. 64"),
@@ -242,12 +210,35 @@ RULES: list[Rule] = [
     Rule("loss_scale", loss_scale, "a number > 0 (a static scale) or dynamic", "the recipe passes 12800000"),
     Rule("fp16_opt_level", one_of(*OPT_LEVELS), f"one of {', '.join(OPT_LEVELS)}", "the recipe passes O2"),
     Rule("loss_scope", one_of("local", "global"), "local or global", "global for multi-card runs (see README)"),
+    # reporting and other Trainer options
+    Rule("report_to", reporters, "none, all, or installed integrations such as tensorboard", "e.g. --report_to none"),
+    Rule("lr_scheduler_kwargs", json_object, 'a JSON object, e.g. \'{"num_cycles": 2}\'', "quote it for the shell"),
     # cadence
     Rule("save_steps", number(0, above=True), "a number of steps > 0 (below 1: a fraction of the run)", "e.g. 500"),
     Rule("save_minutes", number(0), "minutes >= 0 (0 turns it off)", "e.g. 15"),
     Rule("save_total_limit", whole(0), "a whole number >= 2, or 0 to keep all", "e.g. 2"),
     Rule("logging_steps", number(0, above=True), "a number of steps > 0 (below 1: a fraction of the run)", "e.g. 10"),
     Rule("eval_steps", number(0, above=True), "a number of steps > 0 (below 1: a fraction of the run)", "e.g. 500, or leave it out"),
+]  # fmt: skip
+
+
+class Warning(NamedTuple):  # noqa: A001 - local to this module
+    arg: str
+    surprising: Callable[[Any, Any], bool]
+    message: str  # formatted with v (the value) and a (all arguments)
+
+
+def _cpus() -> int:
+    from .data import available_cpus
+
+    return available_cpus()
+
+
+# Legal but surprising: one warning line each, the run goes on.
+WARNINGS: list[Warning] = [
+    Warning("learning_rate", lambda v, a: v >= 1, "--learning_rate {v} is unusually large (CLIP fine-tuning uses about 1e-5 to 1e-3): expect the loss to diverge"),
+    Warning("dataloader_num_workers", lambda v, a: v > _cpus(), "--dataloader_num_workers {v} is more than the {a.cpus} CPUs this process may use: the workers will compete for them"),
+    Warning("warmup_steps", lambda v, a: v >= 1 and 0 < a.max_steps <= v, "--warmup_steps {v:g} is not below --max_steps {a.max_steps}: the learning rate never reaches --learning_rate"),
 ]  # fmt: skip
 
 
@@ -263,6 +254,10 @@ class _Args:
     def set(self, name: str, value: Any) -> None:
         setattr(next(p for p in self._parts if hasattr(p, name)), name, value)
 
+    @property
+    def cpus(self) -> int:
+        return _cpus()
+
     def __getattr__(self, name: str) -> Any:
         for p in self._parts:
             if hasattr(p, name):
@@ -270,7 +265,7 @@ class _Args:
         raise AttributeError(name)
 
 
-def check_args(*parts: Any, rules: Sequence[Rule] = RULES) -> None:
+def check_args(*parts: Any, rules: Sequence[Rule] = RULES, warnings: Sequence[Warning] = WARNINGS) -> None:
     """Raise ArgumentError for the first argument that breaks a rule; then warn about surprising values."""
     a = _Args(parts)
     for rule in rules:
@@ -280,9 +275,13 @@ def check_args(*parts: Any, rules: Sequence[Rule] = RULES) -> None:
         problem = rule.check(value, a)
         if problem is not None:
             shown = value.value if hasattr(value, "value") else value
+            shown = " ".join(map(str, shown)) if isinstance(shown, list | tuple) else shown
             what = f": {problem}; expected" if problem else ": expected"
             fix = f"; {rule.fix}" if rule.fix else ""
             raise ArgumentError(f"--{rule.arg} {shown}{what} {rule.expected}{fix}")
+    for warning in warnings:
+        if a.has(warning.arg) and warning.surprising(getattr(a, warning.arg), a):
+            _warn(warning.message.format(v=getattr(a, warning.arg), a=a))
     _cap_max_seq_length(a)
 
 
@@ -355,5 +354,5 @@ def value_error(e: ValueError, argv: Sequence[str]) -> ArgumentError:
         name, _, value = token.partition("=")
         if name.startswith("--") and re.search(rf"\b{re.escape(name[2:])}\b", text):
             value = value or (argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else "")
-            return ArgumentError(f"{name} {value}: {text}; {HELP}")
+            return ArgumentError(f"{name}{' ' + value if value else ''}: {text}; {HELP}")
     return ArgumentError(f"{text} ({HELP})")

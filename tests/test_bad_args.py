@@ -85,6 +85,12 @@ ROWS: list[tuple[list[str], str]] = [
     (["--validation_file", "{nocolumn.jsonl}"], "--validation_file {nocolumn.jsonl}: line 2 has no caption"),
     (["--resume_from_checkpoint", "{tmp}/checkpoint-9"], "--resume_from_checkpoint {tmp}/checkpoint-9: is not a folder"),
     (["--output_dir", "{a-file}"], "--output_dir {a-file}: is not writable (it is a file"),
+    (["--caption_column", "text"], "--caption_column text: is not a COCO column"),
+    (["--report_to", "no-such-tracker"], "--report_to no-such-tracker: no-such-tracker is not a reporting integration"),
+    (["--lr_scheduler_kwargs", "cycles=2"], "--lr_scheduler_kwargs cycles=2: is not a JSON object"),
+    (["--logging_steps", "0"], "--logging_steps 0: logging strategy IntervalStrategy.STEPS requires non-zero"),
+    (["--fp16", "--bf16"], "--fp16: At most one of fp16 and bf16"),
+    (["--per_device_train_batch_size"], "--per_device_train_batch_size: expected one argument"),
 ]  # fmt: skip
 
 
@@ -125,10 +131,22 @@ def test_every_rule_names_an_argument_the_parser_knows() -> None:
     """A typo in RULES would silently check nothing: every rule's argument must be a field of the dataclasses."""
     import dataclasses
 
-    from clip_train.validate import RULES
+    from clip_train.validate import RULES, WARNINGS
 
     fields = {f.name for cls in clip_args.ARG_CLASSES for f in dataclasses.fields(cls)}
-    assert [r.arg for r in RULES if r.arg not in fields] == []
+    assert [r.arg for r in [*RULES, *WARNINGS] if r.arg not in fields] == []
+
+
+def test_surprising_values_get_one_warning_each_and_the_run_goes_on(demo, tmp_path, caplog) -> None:
+    caplog.set_level(logging.WARNING)
+    extra = ["--learning_rate", "5", "--warmup_steps", "4", "--dataloader_num_workers", "999"]
+    clip_args.parse_args(base_args(*demo, str(tmp_path / "out")) + extra)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 3 and all(w.startswith("run_clip.py: warning: --") for w in warnings), warnings
+    assert "--learning_rate 5.0 is unusually large" in warnings[0]
+    assert "--dataloader_num_workers 999 is more than the" in warnings[1]
+    assert "--warmup_steps 4 is not below --max_steps 2" in warnings[2]
+    assert not (tmp_path / "out").exists()
 
 
 def test_max_seq_length_above_the_text_tower_is_capped_with_one_warning(demo, tmp_path, caplog) -> None:
