@@ -7,6 +7,7 @@ anything is loaded or written: the output folder must not even be created.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -166,3 +167,30 @@ def test_max_seq_length_above_the_text_tower_is_capped_with_one_warning(demo, tm
     caplog.clear()
     assert clip_args.parse_args(base_args(*demo, str(tmp_path / "out")) + ["--max_seq_length", str(limit)])
     assert not caplog.records
+
+
+def test_good_table_files_pass_and_train(demo, tmp_path, capfd) -> None:
+    """The checks refuse no valid file: a CSV (quoted commas, an empty caption) and a JSON-lines file train."""
+    from PIL import Image
+
+    *_, model_dir = demo
+    rows = []
+    for i in range(12):
+        Image.new("RGB", (40, 30), (20 * i, 255 - 20 * i, 7 * i)).save(tmp_path / f"img{i}.jpg")
+        rows.append((f"img{i}.jpg", f'a picture, number {i}, "quoted"'))
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerows([("image_path", "caption"), *rows, ("img0.jpg", "")])
+    with open(tmp_path / "val.jsonl", "w") as f:
+        f.writelines(json.dumps({"image_path": p, "caption": c}) + "\n\n" for p, c in rows[:8])
+    out = tmp_path / "out"
+    argv = [
+        "--output_dir", str(out), "--model_name_or_path", model_dir, "--train_file", str(tmp_path / "train.csv"),
+        "--validation_file", str(tmp_path / "val.jsonl"), "--do_train", "--do_eval", "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--report_to", "none",
+    ]  # fmt: skip
+    rc = run_clip.cli(argv)
+    assert rc == 0, capfd.readouterr().err[-3000:]
+    results = json.load(open(out / "all_results.json"))
+    assert results["train_samples"] == 12 and results["train_skipped_empty_caption"] == 1
+    assert results["eval_samples"] == 8 and "eval_text_to_image_R@1" in results
