@@ -2,7 +2,7 @@
 
 A failure is one ``ArgumentError`` whose message names the argument, the value, what was expected and how to fix
 it (run_clip.cli prints it as one ``run_clip.py: error: ...`` line, exit code 2). A legal but surprising value gets
-one warning line. Adding a check is one line in ``RULES``: ``Rule(argument, check, expected, fix)``, where
+one warning line (``SURPRISES``). Adding a check is one line in ``RULES``: ``Rule(argument, check, expected, fix)``, where
 ``check(value, args)`` returns None when the value is fine, else what is wrong ("" when ``expected`` says it all).
 A rule whose argument no dataclass declares is skipped, so rules for flags still on other branches do no harm.
 """
@@ -222,7 +222,7 @@ RULES: list[Rule] = [
 ]  # fmt: skip
 
 
-class Warning(NamedTuple):  # noqa: A001 - local to this module
+class Surprise(NamedTuple):
     arg: str
     surprising: Callable[[Any, Any], bool]
     message: str  # formatted with v (the value) and a (all arguments)
@@ -235,10 +235,10 @@ def _cpus() -> int:
 
 
 # Legal but surprising: one warning line each, the run goes on.
-WARNINGS: list[Warning] = [
-    Warning("learning_rate", lambda v, a: v >= 1, "--learning_rate {v} is unusually large (CLIP fine-tuning uses about 1e-5 to 1e-3): expect the loss to diverge"),
-    Warning("dataloader_num_workers", lambda v, a: v > _cpus(), "--dataloader_num_workers {v} is more than the {a.cpus} CPUs this process may use: the workers will compete for them"),
-    Warning("warmup_steps", lambda v, a: v >= 1 and 0 < a.max_steps <= v, "--warmup_steps {v:g} is not below --max_steps {a.max_steps}: the learning rate never reaches --learning_rate"),
+SURPRISES: list[Surprise] = [
+    Surprise("learning_rate", lambda v, a: v >= 1, "--learning_rate {v} is unusually large (CLIP fine-tuning uses about 1e-5 to 1e-3): expect the loss to diverge"),
+    Surprise("dataloader_num_workers", lambda v, a: v > _cpus(), "--dataloader_num_workers {v} is more than the {a.cpus} CPUs this process may use: the workers will compete for them"),
+    Surprise("warmup_steps", lambda v, a: v >= 1 and 0 < a.max_steps <= v, "--warmup_steps {v:g} is not below --max_steps {a.max_steps}: the learning rate never reaches --learning_rate"),
 ]  # fmt: skip
 
 
@@ -265,7 +265,7 @@ class _Args:
         raise AttributeError(name)
 
 
-def check_args(*parts: Any, rules: Sequence[Rule] = RULES, warnings: Sequence[Warning] = WARNINGS) -> None:
+def check_args(*parts: Any, rules: Sequence[Rule] = RULES, surprises: Sequence[Surprise] = SURPRISES) -> None:
     """Raise ArgumentError for the first argument that breaks a rule; then warn about surprising values."""
     a = _Args(parts)
     for rule in rules:
@@ -279,16 +279,16 @@ def check_args(*parts: Any, rules: Sequence[Rule] = RULES, warnings: Sequence[Wa
             what = f": {problem}; expected" if problem else ": expected"
             fix = f"; {rule.fix}" if rule.fix else ""
             raise ArgumentError(f"--{rule.arg} {shown}{what} {rule.expected}{fix}")
-    for warning in warnings:
-        if a.has(warning.arg) and warning.surprising(getattr(a, warning.arg), a):
-            _warn(warning.message.format(v=getattr(a, warning.arg), a=a))
+    for surprise in surprises:
+        if a.has(surprise.arg) and surprise.surprising(getattr(a, surprise.arg), a):
+            _warn(surprise.message.format(v=getattr(a, surprise.arg), a=a))
     _cap_max_seq_length(a)
 
 
 def _cap_max_seq_length(a: Any) -> None:
     """Captions longer than the text tower's positions would index past its position table: cap and say so."""
     limit = text_positions(a.model_name_or_path)
-    if limit is not None and a.max_seq_length > limit:
+    if limit is not None and a.max_seq_length is not None and a.max_seq_length > limit:
         _warn(
             f"--max_seq_length {a.max_seq_length} is above what the text tower can take ({limit} tokens): capped to {limit}"
         )

@@ -132,10 +132,10 @@ def test_every_rule_names_an_argument_the_parser_knows() -> None:
     """A typo in RULES would silently check nothing: every rule's argument must be a field of the dataclasses."""
     import dataclasses
 
-    from clip_train.validate import RULES, WARNINGS
+    from clip_train.validate import RULES, SURPRISES
 
     fields = {f.name for cls in clip_args.ARG_CLASSES for f in dataclasses.fields(cls)}
-    assert [r.arg for r in [*RULES, *WARNINGS] if r.arg not in fields] == []
+    assert [r.arg for r in [*RULES, *SURPRISES] if r.arg not in fields] == []
 
 
 def test_surprising_values_get_one_warning_each_and_the_run_goes_on(demo, tmp_path, caplog) -> None:
