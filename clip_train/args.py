@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from . import backend
+from . import backend, validate
+from .validate import ArgumentError
 
 
 @dataclass
@@ -135,10 +136,6 @@ ARG_CLASSES = (ModelArguments, DataTrainingArguments, TrainingArguments, RecipeA
 RECIPE_OPTIMS = {"adamw_apex_fused_npu", "adamw_apex_fused", "adamw_hf"}
 
 
-class ArgumentError(Exception):
-    """A command-line problem; the message says what to change."""
-
-
 def _take_recipe_optim(argv: list[str]) -> tuple[list[str], str | None]:
     """Replace a recipe-only --optim value by adamw_torch for the parser; return the name asked for."""
     known = {o.value for o in OptimizerNames}
@@ -169,27 +166,24 @@ def parse_args(argv: list[str] | None = None) -> tuple:
     parser = HfArgumentParser(ARG_CLASSES)
     # On CPU hosts transformers 5 needs use_cpu for --bf16 and for torchrun to set up gloo DDP.
     parser.set_defaults(**backend.parser_defaults(backend.detect_family()))
+    parser.error = validate.parser_error  # one line naming the flag, not usage + message
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=argv[0])
+        parsed = parser.parse_json_file(json_file=argv[0])
+        validate.check_args(*parsed)
+        return parsed
     argv, asked = _take_recipe_optim(argv)
     try:
         *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as e:
-        raise ArgumentError(str(e)) from e
+        raise validate.value_error(e, argv) from e
     if rest:
         raise ArgumentError(f"unknown arguments: {' '.join(rest)} (python3 run_clip.py --help lists them)")
     model_args, data_args, training_args, recipe_args = parsed
     recipe_args.requested_optim = asked or training_args.optim.value
     if model_args.feature_extractor_name and not model_args.image_processor_name:
         model_args.image_processor_name = model_args.feature_extractor_name
-    if recipe_args.loss_scope not in ("local", "global"):
-        raise ArgumentError(f"--loss_scope {recipe_args.loss_scope}: choose local or global")
-    if recipe_args.save_minutes < 0:
-        raise ArgumentError(f"--save_minutes {recipe_args.save_minutes}: give minutes >= 0 (0 turns it off)")
-    if training_args.max_steps == 0:
-        raise ArgumentError(
-            "--max_steps 0 trains nothing: give a positive number, or -1 to use --num_train_epochs"
-        )
+    # Every value checked before anything is loaded or written (clip_train/validate.py).
+    validate.check_args(model_args, data_args, training_args, recipe_args)
     return model_args, data_args, training_args, recipe_args
 
 

@@ -114,6 +114,7 @@ def retrieval_eval(
             input_ids, mask = pad_captions(rows, pad_id, width)
             yield {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
+    # float32 from here on, whatever the autocast or the model's dtype; retrieval_metrics turns autocast off.
     images, texts = embed_for_retrieval(model, image_batches(), text_batches(), device)
     local = torch.zeros(len(img_rows), images.shape[1])
     local[torch.from_numpy(valid)] = images[: int(valid.sum())]

@@ -62,7 +62,11 @@ def _read_table(path: str) -> datasets.Dataset:
         raise DataError(f"{path}: only csv and json-lines files are read (got .{ext})")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    return datasets.load_dataset(kind, data_files={"x": path}, split="x")
+    try:  # the file was checked line by line at parse time (validate.table_file); this catches the rest
+        return datasets.load_dataset(kind, data_files={"x": path}, split="x")
+    except Exception as e:  # datasets wraps its parsers' errors in several types
+        cause = " ".join(str(e.__cause__ or e).split())[:300]
+        raise DataError(f"{path}: could not be read as {ext} ({cause}); check the file") from e
 
 
 def load_rows(data_args: Any, split: str) -> SplitRows:

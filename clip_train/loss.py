@@ -38,11 +38,14 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        # Every rank's loss touched our rows; sum those gradients. Clone: all_reduce works in place.
-        grad = grad.contiguous().clone()
+        # Every rank's loss touched our rows; sum those gradients. Summed in float32 whatever autocast made the
+        # embeddings (bf16 / fp16): a half-precision sum over many ranks loses the small contributions.
+        # (.float() copies a half gradient; clone the float32 one: all_reduce works in place.)
+        dtype = grad.dtype
+        grad = grad.contiguous().float() if dtype != torch.float32 else grad.contiguous().clone()
         dist.all_reduce(grad)
         start = ctx.rank * ctx.rows
-        return grad[start : start + ctx.rows]
+        return grad[start : start + ctx.rows].to(dtype)
 
 
 def _distributed_world_size() -> int:

@@ -22,12 +22,30 @@ rank the full matrix; the metrics are then computed the same way everywhere.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["embed_for_retrieval", "gather_rows", "retrieval_metrics", "retrieval_ranks", "shard_indices"]
+__all__ = [
+    "embed_for_retrieval",
+    "full_precision",
+    "gather_rows",
+    "retrieval_metrics",
+    "retrieval_ranks",
+    "shard_indices",
+]
+
+
+def full_precision(device: torch.device | str) -> AbstractContextManager:
+    """Autocast off on ``device``: scores, ties and ranks must not depend on the training precision.
+
+    The Trainer evaluates under its autocast (bf16 / fp16); inside it a float32 matmul would come out in the low
+    precision again, and ties and ranks would change with ``--bf16`` (or fail: scatter wants one dtype).
+    """
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    return torch.autocast(kind, enabled=False)
 
 
 def _check_inputs(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_to_image: torch.Tensor) -> None:
@@ -86,12 +104,19 @@ def retrieval_ranks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """1-based ranks (image->text [N_img], text->image [N_txt]) under the protocol in the module docstring.
 
-    Embeddings must be L2-normalised; computed on their device in float32, returned as int64 on the CPU.
+    Embeddings must be L2-normalised; computed on their device in float32 (autocast off, whatever the caller's
+    context), returned as int64 on the CPU.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _check_inputs(image_embeds, text_embeds, text_to_image)
-    img, txt = image_embeds.float(), text_embeds.float()
+    with full_precision(image_embeds.device):
+        return _ranks(image_embeds.float(), text_embeds.float(), text_to_image, chunk_size)
+
+
+def _ranks(
+    img: torch.Tensor, txt: torch.Tensor, text_to_image: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     device = img.device
     t2i = text_to_image.to(device=device, dtype=torch.long)
     n_img, n_txt = img.shape[0], txt.shape[0]
@@ -164,10 +189,12 @@ def gather_rows(local: torch.Tensor, n_total: int) -> torch.Tensor:
 
     Shards may differ in length (even be empty; an empty shard's trailing shape is ignored). Without an
     initialised process group, or with one rank, returns ``local``. Use device tensors with nccl/hccl
-    and CPU tensors with gloo. The result stays on ``local``'s device.
+    and CPU tensors with gloo. The result stays on ``local``'s device; floating-point rows come back float32.
     """
     if local.ndim < 1:
         raise ValueError("gather_rows needs a tensor with a row dimension, got a scalar")
+    if local.is_floating_point():
+        local = local.float()  # every rank gathers one dtype, and the metrics are computed in float32
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         if local.shape[0] != n_total:
             raise ValueError(f"expected all {n_total} rows in a single process, got {local.shape[0]}")
@@ -218,6 +245,13 @@ def _pooled(out: object) -> torch.Tensor:
     raise TypeError(f"cannot find the projected embedding in a {type(out).__name__} returned by the model")
 
 
+def _collect(out: object, device: torch.device | str) -> torch.Tensor:
+    # The one cast: the model may run under autocast (bf16 / fp16) or in half weights (apex O2); the embeddings
+    # leave here float32 and L2-normalised in float32, so everything downstream is precision-independent.
+    with full_precision(device):
+        return F.normalize(_pooled(out).float(), dim=-1).cpu()
+
+
 def embed_for_retrieval(
     model: torch.nn.Module,
     image_batches: Iterable[torch.Tensor],
@@ -241,7 +275,7 @@ def embed_for_retrieval(
         with torch.no_grad():
             for pixel_values in image_batches:
                 out = model.get_image_features(pixel_values=pixel_values.to(device=device, dtype=dtype))
-                images.append(F.normalize(_pooled(out).float(), dim=-1).cpu())
+                images.append(_collect(out, device))
             for batch in text_batches:
                 if "input_ids" not in batch:
                     raise KeyError(f"text batches need 'input_ids' (got keys {sorted(batch)})")
@@ -250,7 +284,7 @@ def embed_for_retrieval(
                     input_ids=batch["input_ids"].to(device),
                     attention_mask=None if mask is None else mask.to(device),
                 )
-                texts.append(F.normalize(_pooled(out).float(), dim=-1).cpu())
+                texts.append(_collect(out, device))
     finally:
         model.train(was_training)
     empty = torch.empty(0, width)

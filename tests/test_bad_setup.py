@@ -67,7 +67,7 @@ CASES = {  # name: (what to change in the demo set-up, words the one error line 
     "annotations not JSON": ({"data": "bad-json"}, "captions_train2017.json is not valid JSON"),
     "model folder without image processor": ({"model": "no-processor"}, "Could not load the image processor"),
     "model folder without tokenizer": ({"model": "no-tokenizer"}, "Could not load the tokenizer"),
-    "model path missing": ({"model": "missing"}, "Could not load the tokenizer"),
+    "model path missing": ({"model": "missing"}, "no-such-model: is not a folder (nothing is there)"),
     "output_dir is under a file": ({"out": "under-a-file"}, "is not writable"),
     "output_dir is /dev/null/x": ({"out": "/dev/null/x"}, "is not writable"),
     "fewer rows than one batch with drop_last": (
@@ -78,7 +78,10 @@ CASES = {  # name: (what to change in the demo set-up, words the one error line 
         {"extra": ["--save_total_limit", "1"]},
         "--save_total_limit 1 can leave no complete",
     ),
-    "negative save_minutes": ({"extra": ["--save_minutes", "-1"]}, "--save_minutes -1.0: give minutes >= 0"),
+    "negative save_minutes": (
+        {"extra": ["--save_minutes", "-1"]},
+        "--save_minutes -1.0: expected minutes >= 0",
+    ),
     "resume from a folder that is no checkpoint": (
         {"extra": ["--resume_from_checkpoint", "{tmp}"]},
         "not a checkpoint folder (no trainer_state.json)",
