@@ -7,6 +7,7 @@ checkpoint (clip_train/preemption.py). A second signal kills torchrun's whole pr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -128,8 +129,12 @@ def _run(plan: Plan, out: Tee) -> tuple[int, int]:
     stopped = []
 
     def forward(signum: int, frame: object) -> None:
-        if stopped:  # the second signal: no more waiting
-            os.killpg(proc.pid, signal.SIGKILL)
+        if (
+            stopped
+        ):  # the second signal: no more waiting (torchrun's workers each run in a session of their own)
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             return
         stopped.append(signum)
         print(f"[launch] {signal.Signals(signum).name}: asking the workers to save and stop", file=out)
@@ -145,3 +150,13 @@ def _run(plan: Plan, out: Tee) -> tuple[int, int]:
         for s, handler in previous.items():
             signal.signal(s, handler)
     return rc, (stopped[0] if stopped else 0)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, deepest first (Linux /proc; empty elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except OSError:
+        return []
+    return [d for k in kids for d in (*_descendants(k), k)]
