@@ -333,8 +333,15 @@ def make_plan(opts: Options, environ: dict[str, str], probe=probe_devices) -> Pl
     restarts = opts.get("max_restarts") or str(MAX_RESTARTS_MULTI if world > 1 else 0)
     port = opts.get("master_port") or (_free_port() if nnodes == 1 else "29500")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-    command += ["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--master_addr", master_addr]
-    command += ["--master_port", port, "--max_restarts", restarts, str(REPO / "run_clip.py")]
+    if nnodes == 1:
+        # c10d on this host, each restart with a fresh store: with the static rendezvous the restarted workers
+        # share the first attempt's store and can read a dead worker's address from it, and hang.
+        command += ["--nnodes", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}"]
+        set_["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    else:  # the static rendezvous keeps --node_rank (c10d would rank the nodes in its own order)
+        command += ["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--master_addr", master_addr]
+        command += ["--master_port", port]
+    command += ["--max_restarts", restarts, str(REPO / "run_clip.py")]
     for name, values in args.items():
         command += [f"--{name}", *values]
     return Plan(

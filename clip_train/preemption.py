@@ -31,13 +31,15 @@ DEVICE_CHECK_EVERY = 10
 class Preempted(Exception):
     """Training stopped on a signal after writing a complete checkpoint."""
 
-    def __init__(self, signum: int, step: int, output_dir: str) -> None:
+    def __init__(self, signum: int, step: int, output_dir: str, saved: bool = True) -> None:
         self.exit_code = 128 + signum
         name = signal.Signals(signum).name
-        super().__init__(
-            f"stopped by {name} after step {step}; {output_dir}/checkpoint-{step} is complete: "
-            "run the same command again to resume from it"
+        where = (
+            f"{output_dir}/checkpoint-{step} is complete: run the same command again to resume from it"
+            if saved
+            else "nothing was saved (--save_strategy no): a rerun starts over"
         )
+        super().__init__(f"stopped by {name} after step {step}; {where}")
 
 
 class PreemptionGuard(TrainerCallback):
@@ -45,7 +47,7 @@ class PreemptionGuard(TrainerCallback):
 
     def __init__(self) -> None:
         self.signum = 0  # the signal received here (0: none)
-        self.stopped_at: tuple[int, int] | None = None  # (signal, step) once agreed
+        self.stopped_at: tuple[int, int, bool] | None = None  # (signal, step, saved) once agreed
         self._previous: dict[int, Any] = {}
         self._group: Any = None
         self._every = 1
@@ -90,8 +92,8 @@ class PreemptionGuard(TrainerCallback):
             return  # the last step ends the run anyway; it saves and reports as usual
         signum = self._agreed_signal(args)
         if signum:
-            self.stopped_at = (signum, state.global_step)
             control.should_save = args.save_strategy != "no"
+            self.stopped_at = (signum, state.global_step, control.should_save)
             control.should_training_stop = True
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -102,4 +104,5 @@ class PreemptionGuard(TrainerCallback):
     def check(self, output_dir: str) -> None:
         """Raise Preempted if training stopped on a signal (run_clip.py calls it right after train())."""
         if self.stopped_at:
-            raise Preempted(*self.stopped_at, output_dir)
+            signum, step, saved = self.stopped_at
+            raise Preempted(signum, step, output_dir, saved)
