@@ -337,6 +337,7 @@ def make_plan(opts: Options, environ: dict[str, str], probe=probe_devices) -> Pl
         # c10d on this host, each restart with a fresh store: with the static rendezvous the restarted workers
         # share the first attempt's store and can read a dead worker's address from it, and hang.
         command += ["--nnodes", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}"]
+        command += ["--local_addr", "127.0.0.1"]  # not the host name, which need not resolve
         set_["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     else:  # the static rendezvous keeps --node_rank (c10d would rank the nodes in its own order)
         command += ["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--master_addr", master_addr]

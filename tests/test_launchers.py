@@ -122,9 +122,10 @@ def test_full_1p_runs_the_recipe_command_in_its_case_folder(dirs, tmp_path: Path
     assert (p.family, p.world, p.managed) == ("cpu", 1, True)
     # One node: c10d on this host, so that every restart gets a fresh store (see launch.make_plan).
     port = p.command[10].rsplit(":", 1)[1]
-    assert p.command[:14] == [
+    assert p.command[:16] == [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--nnodes", "1",
-        "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--max_restarts", "0",
+        "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--local_addr", "127.0.0.1",
+        "--max_restarts", "0",
         str(REPO / "run_clip.py"),
     ]  # fmt: skip
     assert p.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
