@@ -1,6 +1,7 @@
 """The launchers' run summary (the Ascend ModelZoo contract), read from a finished run's results files.
 
-test/launch.sh calls ``python3 -m clip_train.summary ...`` on node 0 after training. It reads
+clip_train/launch.py calls ``report`` on node 0 after training (``python3 -m clip_train.summary ...`` does the same).
+It reads
 ``all_results.json`` (global FPS after skip_steps, FPS per device, train and eval loss, retrieval R@1) and
 ``trainer_state.json`` (the last logged train loss) from the run's output_dir, writes one ``key = value`` a line
 to the summary file and ends the console with the two lines the recipe's users grep for.
@@ -15,6 +16,24 @@ import sys
 from pathlib import Path
 
 RECALL_KEYS = ("eval_image_to_text_R@1", "eval_text_to_image_R@1")
+
+
+def recipe_blocks(split: str, metrics: dict) -> list[dict]:
+    """``metrics`` as the blocks to print with ``Trainer.log_metrics``, the recipe's grep contract kept.
+
+    log_metrics pads every key to the longest key of its block, and the recipe reads the FPS with
+    ``grep "train_samples_per_second ="``: so no key longer than that one shares its block. The longer ones
+    (per-device FPS, skip counts) get a second block.
+    """
+    width = len(f"{split}_samples_per_second")
+    first = {k: v for k, v in metrics.items() if len(k) <= width}
+    rest = {k: v for k, v in metrics.items() if len(k) > width}
+    return [block for block in (first, rest) if block]
+
+
+def log_figure(value: float) -> float:
+    """A float as Trainer.log_metrics prints it (rounded to 4 places), so the log's grep and the summary agree."""
+    return round(value, 4)
 
 
 class SummaryError(Exception):
@@ -74,12 +93,12 @@ def summary_fields(
         "BatchSize": str(batch_size),
         "DeviceType": device_type,
         "CaseName": case_name,
-        "ActualFPS": str(fps),
+        "ActualFPS": str(log_figure(fps)),
         "ActualFPSPerDevice": str(round(per_device, 3)),
         "TrainingTime": str(round(batch_size * 1000 / fps, 3)),
         "ActualLoss": "NA" if loss is None else str(loss),
         "E2ETrainingTime": str(e2e_seconds),
-        "TrainAccuracy": "NA" if eval_loss is None else str(eval_loss),
+        "TrainAccuracy": "NA" if eval_loss is None else str(log_figure(eval_loss)),
     }
     fields.update({key: str(results[key]) for key in RECALL_KEYS if key in results})
     return fields
@@ -104,30 +123,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e2e_seconds", type=int, required=True, help="wall time of the launcher")
     parser.add_argument("--started_at", type=float, help="epoch seconds the launcher started (stale check)")
     args = parser.parse_args(argv)
+    return report(
+        args.results_dir,
+        args.summary_file,
+        started_at=args.started_at,
+        network=args.network,
+        rank_size=args.rank_size,
+        batch_size=args.batch_size,
+        device_type=args.device_type,
+        case_name=args.case_name,
+        e2e_seconds=args.e2e_seconds,
+    )
+
+
+def report(
+    results_dir: Path, summary_file: Path, *, started_at: float | None = None, out=None, **run: object
+) -> int:
+    """Write the summary file and print its closing lines (to ``out``, default stdout); 1 with one line if not."""
+    out = out or sys.stdout
     try:
-        results = read_results(args.results_dir, args.started_at)
-        loss = last_train_loss(args.results_dir, results)
-        fields = summary_fields(
-            results,
-            loss,
-            network=args.network,
-            rank_size=args.rank_size,
-            batch_size=args.batch_size,
-            device_type=args.device_type,
-            case_name=args.case_name,
-            e2e_seconds=args.e2e_seconds,
-        )
+        results = read_results(results_dir, started_at)
+        loss = last_train_loss(results_dir, results)
+        fields = summary_fields(results, loss, **run)  # type: ignore[arg-type]
     except SummaryError as exc:
-        print(f"[Error] no summary: {exc}", file=sys.stderr)
+        print(f"[Error] no summary: {exc}", file=out if out is not sys.stdout else sys.stderr)
         return 1
-    write_summary(args.summary_file, fields)
+    write_summary(summary_file, fields)
     for key in ("TrainAccuracy", *RECALL_KEYS):
         if key in fields:
-            print(f"{key} : {fields[key]}")
-    print(f"E2E Training Duration sec : {fields['E2ETrainingTime']}")
-    print(f"Summary : {args.summary_file}")
-    print(f"Final Performance images/sec : {fields['ActualFPS']}")
-    print(f"Final Train Loss : {fields['ActualLoss']}")
+            print(f"{key} : {fields[key]}", file=out)
+    print(f"E2E Training Duration sec : {fields['E2ETrainingTime']}", file=out)
+    print(f"Summary : {summary_file}", file=out)
+    print(f"Final Performance images/sec : {fields['ActualFPS']}", file=out)
+    print(f"Final Train Loss : {fields['ActualLoss']}", file=out)
     return 0
 
 

@@ -1,4 +1,4 @@
-# Ascend (CANN) runtime environment for the CLIP launchers; sourced by test/launch.sh before it looks for devices,
+# Ascend (CANN) runtime environment for the CLIP launchers; sourced by test/train_clip_*.sh before Python looks for devices,
 # because torch_npu cannot load until the CANN libraries are on the library path.
 # Where CANN is absent it changes nothing and prints nothing, so the launchers can source it on any host.
 # Variables already set by the user are kept. CANN_ROOT (default /usr/local/Ascend) is where CANN is installed.
@@ -30,7 +30,7 @@ if [ -n "${ASCEND_TOOLKIT_HOME:-}" ]; then
   export ASCEND_SLOG_PRINT_TO_STDOUT=${ASCEND_SLOG_PRINT_TO_STDOUT:-0} # device logs to files, not the train log
   export ASCEND_GLOBAL_LOG_LEVEL=${ASCEND_GLOBAL_LOG_LEVEL:-3}         # errors only
   export ASCEND_GLOBAL_EVENT_ENABLE=${ASCEND_GLOBAL_EVENT_ENABLE:-0}
-  export TASK_QUEUE_ENABLE=${TASK_QUEUE_ENABLE:-1} # host-side operator dispatch queue: faster launches
+  export TASK_QUEUE_ENABLE=${TASK_QUEUE_ENABLE:-2} # host-side dispatch queue, level 2 as Ascend recommends
   export COMBINED_ENABLE=${COMBINED_ENABLE:-1}     # fuse non-contiguous copies
 fi
 

@@ -1,123 +1,74 @@
-"""The launchers in test/ as a user runs them: real bash, real torch.distributed.run, real gloo processes.
+"""The launchers (test/train_clip_*.sh over clip_train/launch.py): flags, the command they build, the run folders.
 
-Argument handling is checked through --dry_run (the exact command the launcher would run); training runs use the
-embedded demo (CLIP_DEMO_ROOT, built once per session) with a handful of steps. The only stand-in is a fake
-torch_npu package, because no NPU can exist on this machine.
+Argument handling and the command are checked in-process through ``make_plan`` (nothing launched); the device
+probe is replaced there by a stated answer, because no NPU or GPU exists on this machine (one dry run goes through
+bash with a stand-in torch_npu package to cover the real probe). Training runs are real bash, real torchrun, real
+gloo processes on the embedded demo, with a handful of steps.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shlex
-import socket
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from clip_train import launch, runfolder
+from clip_train.summary import recipe_blocks
+
 REPO = Path(__file__).resolve().parents[1]
 TEST_DIR = REPO / "test"
-SCRIPTS = ["full_1p", "performance_1p", "full_8p", "performance_8p", "cluster"]
+SCRIPTS = list(launch.PROFILES)
 CLUSTER_FLAGS = ["--nnodes=2", "--node_rank=0", "--master_addr=127.0.0.1"]
 TIMEOUT = 600
 
 
 def _env(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HCCL_", "ASCEND_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HCCL_", "ASCEND_", "CUDA_VISIBLE"))}
     env.update(PYTHON=sys.executable, OUTPUT_ROOT=str(tmp / "out"), CANN_ROOT=str(tmp / "no-cann"))
     env.update(extra)
     return env
 
 
-def launch(script: str, *args: str, env: dict[str, str], **kw) -> subprocess.CompletedProcess:
+def launch_sh(script: str, *args: str, env: dict[str, str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["bash", str(TEST_DIR / f"train_clip_{script}.sh"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        **kw,
-    )
-
-
-def read_summary(path: Path) -> dict[str, str]:
-    lines = path.read_text().splitlines()
-    assert all(" = " in line for line in lines), lines
-    return dict(line.split(" = ", 1) for line in lines)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        env=env, capture_output=True, text=True, timeout=TIMEOUT, **kw,
+    )  # fmt: skip
 
 
 @pytest.fixture
 def dirs(tmp_path: Path) -> tuple[Path, Path]:
-    """Stand-in data and model folders for dry runs (they only need to exist)."""
+    """Stand-in data and model folders for plans (they only need to exist)."""
     (tmp_path / "coco").mkdir()
     (tmp_path / "clip-roberta").mkdir()
     return tmp_path / "coco", tmp_path / "clip-roberta"
 
 
-def dry_run(script: str, dirs: tuple[Path, Path], *args: str, env: dict[str, str]) -> tuple[dict, list[str]]:
-    """The launcher's report (key=value lines) and the command it would run, as argv."""
+def plan(script: str, dirs, *args: str, env: dict[str, str], devices=("cpu", 0)) -> launch.Plan:
+    """The launch a user's line would make; ``devices`` is what the probe would find (no accelerator here)."""
     data, model = dirs
-    proc = launch(script, f"--data_path={data}", f"--model_path={model}", "--dry_run", *args, env=env)
-    assert proc.returncode == 0, proc.stderr
-    info, command = {}, []
-    for line in proc.stdout.splitlines():
-        if line.startswith("command:"):
-            command = shlex.split(line[len("command:") :])
-        elif line.startswith("env: "):
-            key, value = line[5:].split("=", 1)
-            info[key] = value
-        else:
-            info.update(dict(item.split("=", 1) for item in line.split()))
-    return info, command
-
-
-def run_clip_flags(command: list[str]) -> dict[str, list[str]]:
-    """The run_clip.py part of a launch command as {flag: values}; each flag must occur once (user flags replace
-    the launcher's defaults in place rather than relying on "last one wins")."""
-    args = command[next(i for i, c in enumerate(command) if c.endswith("run_clip.py")) + 1 :]
-    flags: dict[str, list[str]] = {}
-    for token in args:
-        if token.startswith("--"):
-            assert token[2:] not in flags, f"{token} given twice"
-            flags[name := token[2:]] = []
-        else:
-            flags[name].append(token)
-    return flags
+    opts = launch.parse(script, [f"--data_path={data}", f"--model_path={model}", *args])
+    return launch.make_plan(opts, env, probe=lambda env: devices)
 
 
 # The recipe's run_clip.py flags (its 1p script, less --overwrite_output_dir: the launchers resume by default).
-RECIPE = run_clip_flags(
-    shlex.split(
-        "run_clip.py --num_train_epochs 3 --dataset_name ydshieh/coco_dataset_script --dataset_config_name=2017 "
-        "--image_column image_path --caption_column caption --remove_unused_columns=False --do_train --do_eval "
-        "--fp16 --dataloader_drop_last --fp16_opt_level O2 --loss_scale 12800000 --optim adamw_apex_fused_npu "
-        "--use_combine_grad --per_device_train_batch_size=64 --per_device_eval_batch_size=64 --learning_rate=5e-5 "
-        "--warmup_steps=0 --weight_decay 0.1 --skip_steps 10 --save_steps 150000".replace("=", " ")
-    )
-)
+RECIPE = {
+    "num_train_epochs": ["3"], "dataset_name": ["ydshieh/coco_dataset_script"], "dataset_config_name": ["2017"],
+    "image_column": ["image_path"], "caption_column": ["caption"], "remove_unused_columns": ["False"],
+    "do_train": [], "do_eval": [], "fp16": [], "dataloader_drop_last": [], "fp16_opt_level": ["O2"],
+    "loss_scale": ["12800000"], "optim": ["adamw_apex_fused_npu"], "use_combine_grad": [],
+    "per_device_train_batch_size": ["64"], "per_device_eval_batch_size": ["64"], "learning_rate": ["5e-5"],
+    "warmup_steps": ["0"], "weight_decay": ["0.1"], "skip_steps": ["10"], "save_steps": ["150000"],
+}  # fmt: skip
 
 
-# ---- argument handling -----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_missing_paths_print_usage_and_exit_1(script: str, tmp_path: Path) -> None:
-    extra = CLUSTER_FLAGS if script == "cluster" else []
-    proc = launch(script, *extra, env=_env(tmp_path))
-    assert proc.returncode == 1
-    assert proc.stdout == ""
-    assert "--data_path is required" in proc.stderr
-    assert f"usage: bash test/train_clip_{script}.sh --data_path=" in proc.stderr
-    assert not (tmp_path / "out").exists()
+# ---- argument handling (in-process) ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -127,97 +78,162 @@ def test_missing_paths_print_usage_and_exit_1(script: str, tmp_path: Path) -> No
         (["--batch_size=08"], "--batch_size must be a positive integer"),
         (["--nproc_per_node=0"], "--nproc_per_node must be a positive integer or 'auto'"),
         (["--nnodes=2", "--node_rank=2"], "--node_rank must be 0..1"),
+        (["--max_restarts=-1"], "--max_restarts must be 0 or a positive integer"),
         (["stray"], "unexpected argument 'stray'"),
         (["--demo=yes"], "--demo takes no value"),
         (["--data_path", "a", "b"], "--data_path needs one value"),
     ],
 )
-def test_bad_flags_name_the_fix(args: list[str], message: str, tmp_path: Path) -> None:
-    proc = launch("full_1p", "--model_path=m", *args, env=_env(tmp_path))
-    assert proc.returncode == 1
-    assert message in proc.stderr
+def test_bad_flags_name_the_fix(args: list[str], message: str, capsys) -> None:
+    assert launch.main(["full_1p", "--model_path=m", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"[Error] {message}") and "usage: bash test/train_clip_full_1p.sh" in err
 
 
-def test_cluster_needs_its_node_flags(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_missing_paths_print_usage_and_exit_1(script: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("OUTPUT_ROOT", str(tmp_path / "out"))
+    assert launch.main([script, *(CLUSTER_FLAGS if script == "cluster" else [])]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "--data_path is required" in err
+    assert f"usage: bash test/train_clip_{script}.sh --data_path=" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cluster_needs_its_node_flags(capsys) -> None:
+    assert launch.main(["cluster", "--data_path=d", "--model_path=m", "--nnodes=2"]) == 1
+    assert "train_clip_cluster.sh needs --node_rank" in capsys.readouterr().err
+
+
+def test_missing_folders_are_named(tmp_path: Path, capsys) -> None:
+    assert launch.main(["full_1p", f"--data_path={tmp_path}/nope", f"--model_path={tmp_path}"]) == 1
+    assert f"--data_path={tmp_path}/nope is not a directory" in capsys.readouterr().err
+
+
+def test_help_goes_to_stdout(capsys) -> None:
+    assert launch.main(["performance_8p", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--nproc_per_node=8" in out and "--train_epochs=1" in out and "--max_restarts=3" in out
+
+
+def test_full_1p_runs_the_recipe_command_in_its_case_folder(dirs, tmp_path: Path) -> None:
+    p = plan("full_1p", dirs, env=_env(tmp_path, ASCEND_DEVICE_ID="5"))
     data, model = dirs
-    proc = launch("cluster", f"--data_path={data}", f"--model_path={model}", "--nnodes=2", env=_env(tmp_path))
-    assert proc.returncode == 1
-    assert "train_clip_cluster.sh needs --node_rank" in proc.stderr
-
-
-def test_missing_folders_are_named(tmp_path: Path) -> None:
-    proc = launch("full_1p", f"--data_path={tmp_path}/nope", f"--model_path={tmp_path}", env=_env(tmp_path))
-    assert proc.returncode == 1
-    assert f"--data_path={tmp_path}/nope is not a directory" in proc.stderr
-
-
-def test_help_goes_to_stdout(tmp_path: Path) -> None:
-    proc = launch("performance_8p", "--help", env=_env(tmp_path))
-    assert proc.returncode == 0
-    assert "--nproc_per_node=8" in proc.stdout and "--train_epochs=1" in proc.stdout
-
-
-def test_full_1p_runs_the_recipe_command(dirs: tuple[Path, Path], tmp_path: Path) -> None:
-    info, command = dry_run("full_1p", dirs, env=_env(tmp_path, ASCEND_DEVICE_ID="5"))
-    data, model = dirs
-    assert info["family"] == "cpu" and info["world_size"] == "1"
-    assert not [key for key in info if key.startswith("HCCL_")]  # HCCL settings belong to Ascend hosts only
-    assert command[:13] == [
+    assert (p.family, p.world, p.managed) == ("cpu", 1, True)
+    # One node: c10d on this host, so that every restart gets a fresh store (see launch.make_plan).
+    port = p.command[10].rsplit(":", 1)[1]
+    assert p.command[:16] == [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--nnodes", "1",
-        "--node_rank", "0", "--master_addr", "127.0.0.1", "--master_port", command[12],
+        "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--local_addr", "127.0.0.1",
+        "--max_restarts", "0",
+        str(REPO / "run_clip.py"),
     ]  # fmt: skip
-    flags = run_clip_flags(command)
-    # On CPU run_clip.py picks the loader workers (tests/test_cache.py), the launcher does not.
-    assert "dataloader_num_workers" not in flags
-    paths = {
-        "output_dir": [str(tmp_path / "out/5/ckpt")],
-        "model_name_or_path": [str(model)],
-        "data_dir": [str(data)],
-    }
+    assert p.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    run_dir = tmp_path / "out/5/clip_bs64_1p_acc"
+    paths = {"output_dir": [str(run_dir)], "model_name_or_path": [str(model)], "data_dir": [str(data)]}
     # Exactly the recipe, plus use_cpu (CPU host): no --overwrite_output_dir, --max_steps, --ddp_bucket_cap_mb,
-    # nor --device_id (no card to pick).
-    assert flags == {**RECIPE, **paths, "use_cpu": []}
-    assert info["log"] == str(tmp_path / "out/5/train_5.log")
-    assert info["summary"] == str(tmp_path / "out/5/clip_bs64_1p_acc.log")
+    # --dataloader_num_workers (run_clip.py picks them on CPU), nor --device_id (device visibility picks cards).
+    assert p.run_args == {**RECIPE, **paths, "use_cpu": []}
+    assert p.paths == runfolder.RunPaths(
+        tmp_path / "out/5", run_dir, tmp_path / "out/5/train_5.log", tmp_path / "out/5/clip_bs64_1p_acc.log"
+    )
+    assert "HCCL_CONNECT_TIMEOUT" not in p.env_set  # HCCL settings belong to Ascend hosts only
 
 
-def test_user_flags_win_over_the_defaults(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_user_flags_win_over_the_defaults(dirs, tmp_path: Path) -> None:
     user = f"--output_dir={tmp_path}/mine --save_steps=5 --learning_rate 1e-4 --fp16=False --overwrite_output_dir "
     user += (
         "--report_to tensorboard none --batch_size=16 --model_name=clipx --max_steps=7 --nproc_per_node=auto"
     )
-    info, command = dry_run("performance_8p", dirs, *shlex.split(user), env=_env(tmp_path))
-    assert info["world_size"] == "1"  # auto on a CPU host: one process
-    flags = run_clip_flags(command)
-    assert flags["output_dir"] == [f"{tmp_path}/mine"] and flags["save_steps"] == ["5"]
-    assert (
-        flags["learning_rate"] == ["1e-4"]
-        and flags["fp16"] == ["False"]
-        and flags["overwrite_output_dir"] == []
-    )
-    assert flags["report_to"] == ["tensorboard", "none"] and flags["per_device_eval_batch_size"] == ["16"]
-    assert (
-        flags["max_steps"] == ["7"]
-        and flags["num_train_epochs"] == ["1"]
-        and flags["ddp_bucket_cap_mb"] == ["150"]
-    )
-    assert info["summary"].endswith("/0/clipx_bs16_1p_perf.log")
+    p = plan("performance_8p", dirs, *shlex.split(user), env=_env(tmp_path))
+    assert p.world == 1 and p.command[p.command.index("--max_restarts") + 1] == "0"  # auto on CPU: 1 process
+    flags = p.run_args
+    assert flags["output_dir"] == [f"{tmp_path}/mine"] and not p.managed  # a user's folder is never renamed
+    assert flags["save_steps"] == ["5"] and flags["learning_rate"] == ["1e-4"] and flags["fp16"] == ["False"]
+    assert flags["overwrite_output_dir"] == [] and flags["report_to"] == ["tensorboard", "none"]
+    assert flags["per_device_eval_batch_size"] == ["16"] and flags["max_steps"] == ["7"]
+    assert flags["num_train_epochs"] == ["1"] and flags["ddp_bucket_cap_mb"] == ["150"]
+    assert p.paths.summary_file == tmp_path / "out/0/clipx_bs16_1p_perf.log"
+    assert list(p.command).count("--output_dir") == 1  # replaced in place, never "last one wins"
 
 
-def test_multi_card_profiles_use_the_8p_recipe(dirs: tuple[Path, Path], tmp_path: Path) -> None:
-    port = str(free_port())
-    info, command = dry_run("cluster", dirs, *CLUSTER_FLAGS, f"--master_port={port}", env=_env(tmp_path))
-    assert info["world_size"] == "16"  # 2 nodes x the default 8 processes (gloo allows any count)
-    assert command[3:13] == [
-        "--nproc_per_node", "8", "--nnodes", "2", "--node_rank", "0",
-        "--master_addr", "127.0.0.1", "--master_port", port,
+def test_multi_card_profiles_restart_and_use_the_8p_recipe(dirs, tmp_path: Path) -> None:
+    p = plan("cluster", dirs, *CLUSTER_FLAGS, "--master_port=29611", env=_env(tmp_path))
+    assert p.world == 16  # 2 nodes x the default 8 processes (gloo allows any count)
+    assert p.command[3:17] == [
+        "--nproc_per_node", "8", "--nnodes", "2", "--node_rank", "0", "--master_addr", "127.0.0.1",
+        "--master_port", "29611", "--max_restarts", "3", str(REPO / "run_clip.py"), "--output_dir",
     ]  # fmt: skip
-    flags = run_clip_flags(command)
-    assert (
-        flags["save_steps"] == ["15000"]
-        and flags["ddp_bucket_cap_mb"] == ["150"]
-        and "max_steps" not in flags
+    assert p.run_args["save_steps"] == ["15000"] and p.run_args["ddp_bucket_cap_mb"] == ["150"]
+    assert "max_steps" not in p.run_args and p.case == "clip_bs64_16p_acc"
+    p = plan("full_8p", dirs, "--max_restarts=0", env=_env(tmp_path))
+    assert p.command[p.command.index("--max_restarts") + 1] == "0"
+
+
+@pytest.mark.parametrize(
+    ("family", "var"), [("npu", "ASCEND_RT_VISIBLE_DEVICES"), ("cuda", "CUDA_VISIBLE_DEVICES")]
+)
+def test_the_card_ascend_device_id_names_is_the_visible_one(
+    family: str, var: str, dirs, tmp_path: Path
+) -> None:
+    p = plan("full_1p", dirs, env=_env(tmp_path, ASCEND_DEVICE_ID="3"), devices=(family, 8))
+    assert p.env[var] == "3" and p.env_set[var] == "3" and p.card == f"{var}=3"
+    assert "device_id" not in p.run_args and "use_cpu" not in p.run_args  # the process sees it as <family>:0
+    # The user narrowed the cards already: ASCEND_DEVICE_ID indexes their list.
+    p = plan(
+        "full_1p", dirs, env=_env(tmp_path, ASCEND_DEVICE_ID="2", **{var: "4,5,6,7"}), devices=(family, 4)
     )
+    assert p.env[var] == "6"
+    with pytest.raises(launch.LaunchError, match=f"ASCEND_DEVICE_ID=3 but this node has 2 {family.upper()}"):
+        plan("full_1p", dirs, env=_env(tmp_path, ASCEND_DEVICE_ID="3", **{var: "4,5"}), devices=(family, 2))
+    # Several processes keep every visible card: LOCAL_RANK picks each one's.
+    p = plan("full_8p", dirs, env=_env(tmp_path, ASCEND_DEVICE_ID="3"), devices=(family, 8))
+    assert var not in p.env_set and p.card == ""
+    with pytest.raises(launch.LaunchError, match=f"this node has 8 {family.upper()} device"):
+        plan("full_8p", dirs, "--nproc_per_node=9", env=_env(tmp_path), devices=(family, 8))
+
+
+def test_hccl_timeouts_are_never_lowered(dirs, tmp_path: Path) -> None:
+    p = plan("full_8p", dirs, env=_env(tmp_path), devices=("npu", 8))
+    assert p.env["HCCL_CONNECT_TIMEOUT"] == "1200" and "HCCL_EXEC_TIMEOUT" not in p.env  # Ascend's 1836 stays
+    assert p.env["HCCL_WHITELIST_DISABLE"] == "1" and "HCCL_IF_IP" not in p.env and not p.notes
+    p = plan("full_8p", dirs, env=_env(tmp_path, HCCL_EXEC_TIMEOUT="600"), devices=("npu", 8))
+    assert p.env["HCCL_EXEC_TIMEOUT"] == "600" and "below Ascend's default (1836 s)" in p.notes[0]
+    p = plan("cluster", dirs, *CLUSTER_FLAGS, env=_env(tmp_path), devices=("npu", 8))
+    assert p.env["HCCL_IF_IP"].count(".") == 3
+
+
+def test_recipe_blocks_keep_the_grep_contract() -> None:
+    metrics = {
+        "epoch": 1.0,
+        "train_samples_per_second": 314.999,
+        "train_samples_per_second_per_device": 157.5,
+    }
+    metrics["train_skipped_undecodable_samples"] = 0
+    first, rest = recipe_blocks("train", metrics)
+    assert max(map(len, first)) == len("train_samples_per_second")
+    assert set(rest) == {"train_samples_per_second_per_device", "train_skipped_undecodable_samples"}
+
+
+def test_finished_runs_are_set_aside_with_their_finish_time(tmp_path: Path) -> None:
+    run = tmp_path / "clip_bs8_1p_perf"
+    (run / "checkpoint-4").mkdir(parents=True)
+    assert (
+        runfolder.set_aside(run) is None and runfolder.last_complete_step(run) is None
+    )  # interrupted: stays
+    (run / "checkpoint-4" / runfolder.MARKER).write_text("{}")
+    (run / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    assert runfolder.last_complete_step(run) == 4
+    (run / runfolder.FINISHED).write_text("{}")
+    os.utime(run / runfolder.FINISHED, (0, 1700000000))
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(1700000000))
+    assert runfolder.set_aside(run) == tmp_path / f"clip_bs8_1p_perf.finished-{stamp}"
+    assert (
+        not run.exists() and (tmp_path / f"clip_bs8_1p_perf.finished-{stamp}" / runfolder.FINISHED).is_file()
+    )
+
+
+# ---- the shell side ----------------------------------------------------------------------------------------------
 
 
 def _fake_npu(tmp_path: Path) -> Path:
@@ -230,22 +246,22 @@ def _fake_npu(tmp_path: Path) -> Path:
     return package.parent
 
 
-def test_ascend_host_gets_hccl_settings_and_the_device_id(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_bash_dry_run_probes_the_npu_and_picks_the_card(dirs, tmp_path: Path) -> None:
     env = _env(tmp_path, PYTHONPATH=str(_fake_npu(tmp_path)), ASCEND_DEVICE_ID="3")
-    info, command = dry_run("full_1p", dirs, env=env)
-    assert info["family"] == "npu" and info["devices"] == "8"
-    assert info["HCCL_WHITELIST_DISABLE"] == "1" and "HCCL_IF_IP" not in info
-    flags = run_clip_flags(command)
-    assert flags["device_id"] == ["3"] and "use_cpu" not in flags
-
-    info, command = dry_run("cluster", dirs, *CLUSTER_FLAGS, "--nproc_per_node=auto", env=env)
-    assert info["world_size"] == "16"
-    assert re.fullmatch(r"\d+\.\d+\.\d+\.\d+", info["HCCL_IF_IP"])
-    assert "device_id" not in run_clip_flags(command)
-
     data, model = dirs
-    proc = launch("full_8p", f"--data_path={data}", f"--model_path={model}", "--nproc_per_node=9", env=env)
-    assert proc.returncode == 1 and "this node has 8 NPU device(s)" in proc.stderr
+    proc = launch_sh("full_1p", f"--data_path={data}", f"--model_path={model}", "--dry_run", env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "family=npu devices=8 world_size=1"
+    assert "env: ASCEND_RT_VISIBLE_DEVICES=3" in lines and "env: HCCL_CONNECT_TIMEOUT=1200" in lines
+    assert f"run_dir={tmp_path}/out/3/clip_bs64_1p_acc" in lines
+    command = shlex.split(lines[-1].removeprefix("command: "))
+    assert "--device_id" not in command and command[2] == "torch.distributed.run"
+
+
+def test_no_python_is_one_line(tmp_path: Path) -> None:
+    proc = launch_sh("full_1p", "--demo", env=_env(tmp_path, PYTHON=str(tmp_path / "nope")))
+    assert proc.returncode == 1 and proc.stderr.startswith("[Error] no python at")
 
 
 def test_env_npu_is_silent_and_harmless_without_cann(tmp_path: Path) -> None:
@@ -266,117 +282,44 @@ def test_env_npu_sources_cann_quietly(tmp_path: Path) -> None:
     env = _env(tmp_path, CANN_ROOT=str(tmp_path / "cann"), LD_LIBRARY_PATH="/x")
     proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stderr == ""
-    assert proc.stdout.split() == [str(toolkit), "1", f"{tmp_path}/cann/driver/lib64/driver:/x"]
+    assert proc.stdout.split() == [str(toolkit), "2", f"{tmp_path}/cann/driver/lib64/driver:/x"]
+    proc = subprocess.run(
+        ["bash", "-c", script], env={**env, "TASK_QUEUE_ENABLE": "1"}, capture_output=True, text=True
+    )
+    assert proc.stdout.split()[1] == "1"  # the user's setting stays
 
 
-def test_failed_training_exits_nonzero_and_leaves_no_summary(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+def test_failed_training_exits_nonzero_and_leaves_no_summary(dirs, tmp_path: Path) -> None:
     data, model = dirs
     stale = tmp_path / "out/0/clip_bs64_1p_acc.log"
     stale.parent.mkdir(parents=True)
     stale.write_text("ActualFPS = 999\n")
-    proc = launch(
-        "full_1p", f"--data_path={data}", f"--model_path={model}", "--learning_rate=fast", env=_env(tmp_path)
-    )
-    assert proc.returncode != 0
-    assert not stale.exists()
+    args = (f"--data_path={data}", f"--model_path={model}", "--learning_rate=fast")
+    proc = launch_sh("full_1p", *args, env=_env(tmp_path))
+    assert proc.returncode != 0 and not stale.exists()
     log = (tmp_path / "out/0/train_0.log").read_text()
     assert "[Error] training exited with status" in log and "Final Performance" not in log
 
 
-# ---- real training runs on the embedded demo -------------------------------------------------------------------
+def test_preemption_guard_turns_a_signal_into_save_and_stop(tmp_path: Path) -> None:
+    from types import SimpleNamespace
 
-# A few steps of the tiny demo: enough for throughput, an eval and a logged loss; info logs show the world size.
-TRAIN_FLAGS = [
-    "--demo",
-    "--max_steps=4",
-    "--skip_steps=1",
-    "--logging_steps=1",
-    "--batch_size=8",
-    "--log_level=info",
-]
+    from transformers import TrainerControl
 
+    from clip_train.preemption import Preempted, PreemptionGuard
 
-@pytest.fixture(scope="session")
-def demo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """One demo build and one token/image cache shared by every training test of the session; the demo is made
-    before any launcher asks for it, so that the two nodes of the cluster test do not race to build it."""
-    root = tmp_path_factory.mktemp("clip-demo")
-    env = {"CLIP_DEMO_ROOT": str(root / "demo"), "CLIP_CACHE": str(root / "cache")}
-    command = [sys.executable, "-m", "clip_train.demo", "--print-paths"]
-    subprocess.run(command, env={**os.environ, **env, "PYTHONPATH": str(REPO)}, check=True, timeout=TIMEOUT)
-    return env
-
-
-def _check_summary(out: Path, device_id: str, case: str, console: str) -> dict[str, str]:
-    fields = read_summary(out / device_id / f"{case}.log")
-    results = json.loads((out / device_id / "ckpt" / "all_results.json").read_text())
-    assert fields["CaseName"] == case and fields["DeviceType"] == os.uname().machine
-    assert float(fields["ActualFPS"]) == results["train_samples_per_second"] > 0
-    assert fields["TrainAccuracy"] == str(results["eval_loss"])
-    for key in ("eval_image_to_text_R@1", "eval_text_to_image_R@1"):  # retrieval is on by default
-        assert fields[key] == str(results[key])
-    assert float(fields["TrainingTime"]) == pytest.approx(8 * 1000 / float(fields["ActualFPS"]), rel=1e-3)
-    assert float(fields["ActualLoss"]) > 0 and int(fields["E2ETrainingTime"]) > 0
-    tail = [
-        f"Final Performance images/sec : {fields['ActualFPS']}",
-        f"Final Train Loss : {fields['ActualLoss']}",
-    ]
-    assert console.splitlines()[-2:] == tail
-    assert (out / device_id / f"train_{device_id}.log").read_text().splitlines()[-2:] == tail
-    return fields
-
-
-def test_performance_1p_demo_run_writes_the_summary(demo_env: dict[str, str], tmp_path: Path) -> None:
-    proc = launch("performance_1p", *TRAIN_FLAGS, env=_env(tmp_path, **demo_env))
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    fields = _check_summary(tmp_path / "out", "0", "clip_bs8_1p_perf", proc.stdout)
-    assert fields["RankSize"] == "1" and fields["BatchSize"] == "8"
-    state = json.loads((tmp_path / "out/0/ckpt/trainer_state.json").read_text())
-    assert state["global_step"] == 4
-    assert float(fields["ActualLoss"]) == [e["loss"] for e in state["log_history"] if "loss" in e][-1]
-
-
-def test_full_8p_with_two_processes_is_one_ddp_run(demo_env: dict[str, str], tmp_path: Path) -> None:
-    env = _env(tmp_path, **demo_env)
-    proc = launch("full_8p", *TRAIN_FLAGS, "--nproc_per_node=2", env=env)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    fields = _check_summary(tmp_path / "out", "0", "clip_bs8_2p_acc", proc.stdout)
-    assert fields["RankSize"] == "2"
-    assert "world_size=2 rank=0" in (tmp_path / "out/0/train_0.log").read_text()
-    assert float(fields["ActualFPSPerDevice"]) == pytest.approx(float(fields["ActualFPS"]) / 2, abs=1e-3)
-
-
-def test_cluster_two_nodes_make_one_training(demo_env: dict[str, str], tmp_path: Path) -> None:
-    port = str(free_port())
-    nodes = []
-    for rank in (0, 1):
-        env = _env(tmp_path, **demo_env, ASCEND_DEVICE_ID=str(rank))
-        flags = ["--nnodes=2", f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
-        command = [
-            "bash",
-            str(TEST_DIR / "train_clip_cluster.sh"),
-            *TRAIN_FLAGS,
-            *flags,
-            "--nproc_per_node=1",
-        ]
-        nodes.append(
-            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        )
-    outputs = [node.communicate(timeout=TIMEOUT)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    out = tmp_path / "out"
-    fields = _check_summary(out, "0", "clip_bs8_2p_acc", outputs[0])
-    assert fields["RankSize"] == "2"
-    for rank in (0, 1):  # each node's log shows its own process in the one world
-        assert f"world_size=2 rank={rank}" in (out / str(rank) / f"train_{rank}.log").read_text()
-    assert not list((out / "1").glob("clip_*.log"))  # the summary is node 0's alone
-    assert "Final Performance" not in outputs[1]
-
-
-def test_demo_reruns_start_fresh(dirs: tuple[Path, Path], tmp_path: Path) -> None:
-    # The demo's output is disposable: a second --demo run must train again, not be refused as a finished run.
-    _, command = dry_run("full_1p", dirs, "--demo", env=_env(tmp_path))
-    flags = run_clip_flags(command)
-    assert flags["overwrite_output_dir"] == [] and flags["learning_rate"] == ["5e-4"]
-    _, command = dry_run("full_1p", dirs, env=_env(tmp_path))
-    assert "overwrite_output_dir" not in run_clip_flags(command)  # the recipe's own runs resume
+    guard, args, control = PreemptionGuard(), SimpleNamespace(save_strategy="steps"), TrainerControl()
+    before = signal.getsignal(signal.SIGTERM)
+    guard.on_train_begin(args, SimpleNamespace(), control)
+    guard.on_step_end(args, SimpleNamespace(global_step=3, max_steps=10), control)
+    assert not control.should_training_stop  # no signal yet: nothing changes
+    os.kill(os.getpid(), signal.SIGTERM)  # handled: the process lives on until the step ends
+    guard.on_step_end(args, SimpleNamespace(global_step=4, max_steps=10), control)
+    assert control.should_save and control.should_training_stop
+    guard.on_train_end(args, SimpleNamespace(), control)
+    assert signal.getsignal(signal.SIGTERM) == before
+    with pytest.raises(
+        Preempted, match=f"stopped by SIGTERM after step 4; {tmp_path}/checkpoint-4 is complete"
+    ) as e:
+        guard.check(str(tmp_path))
+    assert e.value.exit_code == 143

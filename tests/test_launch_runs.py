@@ -1,0 +1,254 @@
+"""The launchers as a user runs them: real bash, real torchrun, real gloo processes on the embedded demo.
+
+Each case in its own run folder, a finished run kept aside, the recipe's greps on a real log, a killed worker healed
+by torchrun's restart, SIGTERM saving where it stopped (through the launcher and for run_clip.py alone), two nodes.
+A handful of steps each; the argument handling is tests/test_launchers.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_launchers import TEST_DIR, TIMEOUT, _env, launch_sh
+
+from clip_train import launch, runfolder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- real training runs on the embedded demo -----------------------------------------------------------------------
+
+# A few steps of the tiny demo: throughput, an eval on 40 captions and a logged loss per step.
+TRAIN = ["--demo", "--skip_steps=1", "--logging_steps=1", "--batch_size=8", "--max_eval_samples=40"]
+TRAIN += ["--disable_tqdm=True", "--log_level=info"]
+# Two processes, a checkpoint every 5 steps; 38 is no multiple of 5, so the end is never a checkpoint to refuse.
+HEAL = [*TRAIN, "--nproc_per_node=2", "--max_steps=38", "--save_steps=5"]
+
+
+@pytest.fixture(scope="session")
+def demo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One demo build and one token/image cache shared by every training test of the session; the demo is made
+    before any launcher asks for it, so that the two nodes of the cluster test do not race to build it."""
+    root = tmp_path_factory.mktemp("clip-demo")
+    env = {"CLIP_DEMO_ROOT": str(root / "demo"), "CLIP_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "clip_train.demo", "--print-paths"]
+    subprocess.run(command, env={**os.environ, **env, "PYTHONPATH": str(REPO)}, check=True, timeout=TIMEOUT)
+    return env
+
+
+def grep_recipe(log: Path, pattern: str) -> str:
+    """The recipe's own pipeline, e.g. grep "train_samples_per_second =" train_0.log | tail -1 | awk '{print $3}'."""
+    pipeline = f"grep {shlex.quote(pattern)} {shlex.quote(str(log))} | tail -1 | awk '{{print $3}}'"
+    return subprocess.run(["bash", "-c", pipeline], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def check_run(out: Path, case: str, console: str, steps: int) -> tuple[dict[str, str], list[float]]:
+    """The summary, the logs and the recipe's greps of a finished launch; returns the summary and per-step losses."""
+    lines = (out / f"{case}.log").read_text().splitlines()
+    fields = dict(line.split(" = ", 1) for line in lines)
+    run = out / case
+    results = json.loads((run / "all_results.json").read_text())
+    assert fields["CaseName"] == case and fields["DeviceType"] == os.uname().machine
+    assert float(fields["ActualFPS"]) == results["train_samples_per_second"] > 0
+    assert float(fields["TrainAccuracy"]) == round(results["eval_loss"], 4)
+    assert float(fields["TrainingTime"]) == pytest.approx(8 * 1000 / float(fields["ActualFPS"]), rel=1e-3)
+    log = out / f"train_{out.name}.log"
+    # The recipe's log contract, on the real log: the same numbers as the summary.
+    assert grep_recipe(log, "train_samples_per_second =") == fields["ActualFPS"]
+    assert grep_recipe(log, "eval_loss") == fields["TrainAccuracy"]
+    tail = [
+        f"Final Performance images/sec : {fields['ActualFPS']}",
+        f"Final Train Loss : {fields['ActualLoss']}",
+    ]
+    assert console.splitlines()[-2:] == tail and log.read_text().splitlines()[-2:] == tail
+    assert (run / runfolder.SUMMARY).read_text() == (out / f"{case}.log").read_text()  # the run keeps its own
+    state = json.loads((run / "trainer_state.json").read_text())
+    assert state["global_step"] == steps
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert len(losses) == steps and float(fields["ActualLoss"]) == losses[-1]
+    return fields, losses
+
+
+@pytest.fixture(scope="session")
+def sequence(demo_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """performance_1p, full_1p, then full_8p on 2 processes, in one OUTPUT_ROOT, as a user runs them."""
+    tmp = tmp_path_factory.mktemp("sequence")
+    env, runs = _env(tmp, **demo_env), {}
+    for script, flags, case, steps in [
+        ("performance_1p", [*TRAIN, "--max_steps=4"], "clip_bs8_1p_perf", 4),
+        ("full_1p", [*TRAIN, "--max_steps=3"], "clip_bs8_1p_acc", 3),
+        ("full_8p", HEAL, "clip_bs8_2p_acc", 38),
+    ]:
+        proc = launch_sh(script, *flags, env=env)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+        runs[case] = (proc, *check_run(tmp / "out/0", case, proc.stdout, steps))
+    return {"env": env, "out": tmp / "out/0", "runs": runs}
+
+
+def test_each_case_trains_from_the_model_folder_in_its_own_run_folder(sequence: dict) -> None:
+    out = sequence["out"]
+    for case in sequence["runs"]:
+        history = (out / case / runfolder.LAUNCH_LOG).read_text()
+        assert f"[launch] run folder: {out / case}" in history
+        assert (
+            "Resuming" not in history and "resuming" not in history
+        )  # no run continued another's checkpoint
+    assert "world_size=2 rank=0" in sequence["runs"]["clip_bs8_2p_acc"][0].stdout
+    assert float(sequence["runs"]["clip_bs8_2p_acc"][1]["ActualFPSPerDevice"]) == pytest.approx(
+        float(sequence["runs"]["clip_bs8_2p_acc"][1]["ActualFPS"]) / 2, abs=1e-3
+    )
+
+
+def test_the_same_case_again_trains_anew_and_keeps_the_first(sequence: dict) -> None:
+    out, first = sequence["out"], sequence["runs"]["clip_bs8_1p_perf"]
+    proc = launch_sh("performance_1p", *TRAIN, "--max_steps=4", env=sequence["env"])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    kept = [p for p in out.glob("clip_bs8_1p_perf.finished-*")]
+    assert (
+        len(kept) == 1 and f"the finished run there is kept as {kept[0]}; starting a new run" in proc.stdout
+    )
+    assert (kept[0] / runfolder.SUMMARY).read_text().splitlines()[5] == f"ActualFPS = {first[1]['ActualFPS']}"
+    _, losses = check_run(out, "clip_bs8_1p_perf", proc.stdout, 4)
+    assert "Resuming" not in proc.stdout
+    assert losses == pytest.approx(first[2], abs=1e-5)  # trained anew from the model folder, same seed
+
+
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftovers():
+    """A failed test must not leave its launch running: torchrun and its workers run in sessions of their own."""
+    yield
+    import psutil
+
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            for child in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+                child.kill()
+
+
+def _start(args: list[str], env: dict[str, str], script: str = "full_8p") -> subprocess.Popen:
+    command = ["bash", str(TEST_DIR / f"train_clip_{script}.sh"), *args]
+    STARTED.append(
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    )
+    return STARTED[-1]
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    return proc.communicate(timeout=TIMEOUT)[0]
+
+
+def _workers(launcher_pid: int) -> list[int]:
+    import psutil
+
+    (torchrun,) = psutil.Process(launcher_pid).children()  # its children: the workers (not their loaders)
+    return [p.pid for p in torchrun.children() if any(arg.endswith("run_clip.py") for arg in p.cmdline())]
+
+
+def _wait_for(log: Path, text: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and text in log.read_text(errors="replace"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} never appeared in {log}")
+
+
+def test_a_killed_worker_restarts_every_worker_and_the_run_ends_as_asked(
+    sequence: dict, tmp_path: Path
+) -> None:
+    env = {**sequence["env"], "OUTPUT_ROOT": str(tmp_path / "out")}
+    proc = _start(HEAL, env)
+    _wait_for(tmp_path / "out/0/train_0.log", "Checkpoint complete", proc)
+    os.kill(_workers(proc.pid)[-1], signal.SIGKILL)
+    console = _finish(proc)
+    assert proc.returncode == 0, console[-4000:]
+    assert "failed (exitcode: -9)" in console and "Resuming from" in console
+    _, losses = check_run(tmp_path / "out/0", "clip_bs8_2p_acc", console, 38)
+    assert losses == pytest.approx(sequence["runs"]["clip_bs8_2p_acc"][2], abs=1e-5)
+
+
+def test_sigterm_saves_the_step_it_stopped_at_and_the_rerun_resumes_there(
+    sequence: dict, tmp_path: Path
+) -> None:
+    env = {**sequence["env"], "OUTPUT_ROOT": str(tmp_path / "out")}
+    proc = _start(HEAL, env)
+    _wait_for(tmp_path / "out/0/train_0.log", "Checkpoint complete", proc)
+    proc.send_signal(signal.SIGTERM)
+    console = _finish(proc)
+    assert proc.returncode == 128 + signal.SIGTERM, console[-4000:]
+    run = tmp_path / "out/0/clip_bs8_2p_acc"
+    step = runfolder.last_complete_step(run)
+    assert step is not None and 5 <= step < 38
+    assert console.splitlines()[-1] == (
+        f"[launch] stopped by SIGTERM; the last complete checkpoint is {run}/checkpoint-{step}: "
+        "run the same command again to resume from it"
+    )
+    assert (
+        f"run_clip.py: stopped by SIGTERM after step {step}; {run}/checkpoint-{step} is complete" in console
+    )
+    rerun = launch_sh("full_8p", *HEAL, env=env)
+    assert rerun.returncode == 0, rerun.stdout[-4000:]
+    assert f"[launch] resuming the interrupted run in {run} from checkpoint-{step}" in rerun.stdout
+    _, losses = check_run(tmp_path / "out/0", "clip_bs8_2p_acc", rerun.stdout, 38)
+    assert losses == pytest.approx(sequence["runs"]["clip_bs8_2p_acc"][2], abs=1e-5)
+
+
+def test_run_clip_alone_saves_and_stops_on_sigterm(demo: tuple[str, str], tmp_path: Path) -> None:
+    data_dir, model_dir = demo
+    out = tmp_path / "run"
+    command = [sys.executable, "run_clip.py", "--output_dir", str(out), "--model_name_or_path", model_dir]
+    command += [
+        "--data_dir",
+        data_dir,
+        "--do_train",
+        "--per_device_train_batch_size",
+        "8",
+        "--max_steps",
+        "500",
+    ]
+    command += ["--logging_steps", "1", "--save_steps", "1000", "--use_cpu", "--disable_tqdm", "True"]
+    log = tmp_path / "log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
+        STARTED.append(proc)
+        _wait_for(log, "'loss'", proc)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=TIMEOUT)
+    text = log.read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
+    step = runfolder.last_complete_step(out)
+    assert step is not None and 1 <= step < 500
+    assert text.splitlines()[-1] == (
+        f"run_clip.py: stopped by SIGTERM after step {step}; {out}/checkpoint-{step} is complete: "
+        "run the same command again to resume from it"
+    )
+
+
+def test_cluster_two_nodes_make_one_training(demo_env: dict[str, str], tmp_path: Path) -> None:
+    port = str(launch._free_port())
+    nodes = []
+    for rank in (0, 1):
+        env = _env(tmp_path, **demo_env, ASCEND_DEVICE_ID=str(rank))
+        flags = ["--nnodes=2", f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
+        nodes.append(_start([*TRAIN, "--max_steps=4", *flags, "--nproc_per_node=1"], env, "cluster"))
+    outputs = [_finish(node) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    out = tmp_path / "out"
+    fields, _ = check_run(out / "0", "clip_bs8_2p_acc", outputs[0], 4)
+    assert fields["RankSize"] == "2"
+    for rank in (0, 1):  # each node's log shows its own process in the one world
+        assert f"world_size=2 rank={rank}" in (out / str(rank) / f"train_{rank}.log").read_text()
+    assert not list((out / "1").glob("clip_*.log"))  # the summary is node 0's alone
+    assert "Final Performance" not in outputs[1]
