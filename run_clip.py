@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
     for split, needed in wanted.items():
         if not needed:
             continue
-        if shard_input.given(data_args, split):  # WebDataset shards: streamed (train) or read whole (validation)
-            splits[split] = shard_input.make_split(split, data_args, training_args, tokenizer, image_size, cache_dir)
+        if shard_input.given(data_args, split):  # WebDataset shards: train streamed, validation read whole
+            splits[split] = shard_input.make_split(
+                split, data_args, training_args, tokenizer, image_size, cache_dir
+            )
         else:
             rows = loading.load_rows(data_args, split)
             limit = data_args.max_train_samples if split == "train" else data_args.max_eval_samples

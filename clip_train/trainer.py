@@ -160,9 +160,7 @@ class ClipTrainer(BackendTrainerMixin, Trainer):
         one was drawn), as ``{prefix}_skipped_undecodable_samples``; empty when there were none. Collective: every
         rank calls it."""
         counts = {"undecodable_samples": self._undecodable.get(phase, 0)}
-        if phase == "train" and hasattr(
-            self.train_dataset, "skip_counts"
-        ):  # streamed shards: skipped while read
+        if phase == "train" and hasattr(self.train_dataset, "skip_counts"):  # streamed shards' skips
             counts.update(self.train_dataset.skip_counts())
         values = torch.tensor(list(counts.values()), device=self.args.device)
         if self.args.world_size > 1 and torch.distributed.is_initialized():
