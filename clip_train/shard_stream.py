@@ -146,6 +146,8 @@ class ShardStream(IterableDataset):
         return self._samples(self.epoch, j, self.progress["emitted"][j], quota * self.batch_size)
 
     def _raw(self, epoch: int, stream: int, pending: Counter) -> Iterator[dict]:
+        """Raw samples of stream ``stream`` (of this rank), shuffled; passes over its shards until the consumer
+        stops. The buffer drains at the end of each pass (it must not pull the next pass's samples forward)."""
         order = list(self.urls)
         random.Random(f"{self.seed}/{epoch}").shuffle(order)
         mine = order[self.rank * self.workers + stream :: self.world * self.workers]
@@ -156,9 +158,13 @@ class ShardStream(IterableDataset):
 
         for rerun in range(1_000_000):
             if rerun:  # the stream's quota is not met yet: its shards again, in another order
-                random.Random(f"{self.seed}/{epoch}/{stream}/{rerun}").shuffle(mine)
+                random.Random(f"{self.seed}/{epoch}/{self.rank}/{stream}/{rerun}").shuffle(mine)
+            samples = read_samples(mine, on_error)
+            if self.shuffle_buffer > 1:
+                rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{stream}/{rerun}/buffer")
+                samples = wds_shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
             got = 0
-            for sample in read_samples(mine, on_error):
+            for sample in samples:
                 got += 1
                 yield sample
             if not got:
@@ -166,14 +172,10 @@ class ShardStream(IterableDataset):
 
     def _samples(self, epoch: int, stream: int, skip: int, wanted: int) -> Iterator[dict]:
         pending: Counter = Counter()
-        raw = self._raw(epoch, self.rank * self.workers + stream, pending)
-        if self.shuffle_buffer > 1:
-            rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{stream}/buffer")
-            raw = wds_shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(raw)
         emitted = given = 0
         if wanted <= 0:
             return
-        for sample in raw:
+        for sample in self._raw(epoch, stream, pending):
             emitted += 1
             if emitted <= skip:  # resuming: drawn before the checkpoint (not decoded)
                 continue
@@ -181,11 +183,8 @@ class ShardStream(IterableDataset):
             if item is None:
                 continue
             item["_meta"] = {
-                "stream": stream,
-                "emitted": emitted,
-                "skipped": dict(pending),
-                "key": sample["__key__"],
-            }
+                "stream": stream, "emitted": emitted, "skipped": dict(pending), "key": sample["__key__"]
+            }  # fmt: skip
             pending.clear()
             given += 1
             yield item
