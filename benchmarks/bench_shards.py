@@ -85,8 +85,11 @@ def bench_readers(urls: list[str], limit: int) -> dict[str, float]:
     return found
 
 
-def bench_worker(paths: dict[str, str], limit: int) -> dict[str, float]:
-    """(a): one process making training samples from the shards vs from the zips on the fly."""
+def bench_worker(paths: dict[str, str], limit: int, repeat: int) -> dict[str, list[float]]:
+    """(a): one process making training samples from the shards vs from the zips on the fly, alternating
+    ``repeat`` times (a shared machine's load moves a lot between two measurements)."""
+    from collections import Counter
+
     import numpy as np
     from transformers import AutoTokenizer
 
@@ -95,22 +98,24 @@ def bench_worker(paths: dict[str, str], limit: int) -> dict[str, float]:
 
     tok = AutoTokenizer.from_pretrained(paths["tiny"])
     urls = sorted(glob.glob(os.path.join(paths["shards"], "*.tar")))
-    stream = ShardStream(urls, tokenizer=tok, max_len=128, image_size=IMAGE_SIZE, image_keys=["jpg"],
-                         caption_key="txt", batch_size=1, world=1, rank=0, workers=1, num_samples=limit,
-                         seed=0, shuffle_buffer=1000)  # fmt: skip
-    t = time.perf_counter()
-    n = sum(1 for _ in stream)
-    found = {"shards": n / (time.perf_counter() - t)}
     rows = load_coco_split(paths["coco"], "train").columns
+    found: dict[str, list[float]] = {"shards": [], "zips on the fly": []}
     with tempfile.TemporaryDirectory() as tmp:
         ds, _, _ = build_dataset(rows["caption"], rows["image_path"], tok, image_size=IMAGE_SIZE, max_len=128,
                                  use_cache=False, cache_dir=tmp, num_proc=None, overwrite_cache=False,
-                                 skipped=__import__("collections").Counter())  # fmt: skip
-        order = np.random.default_rng(0).permutation(len(ds))[:limit]
-        t = time.perf_counter()
-        for i in order:
-            ds[int(i)]["pixel_values"].shape  # noqa: B018 (decode)
-        found["zips on the fly"] = len(order) / (time.perf_counter() - t)
+                                 skipped=Counter())  # fmt: skip
+        for seed in range(repeat):
+            stream = ShardStream(urls, tokenizer=tok, max_len=128, image_size=IMAGE_SIZE, image_keys=["jpg"],
+                                 caption_key="txt", batch_size=1, world=1, rank=0, workers=1, num_samples=limit,
+                                 seed=seed, shuffle_buffer=1000)  # fmt: skip
+            t = time.perf_counter()
+            n = sum(1 for _ in stream)
+            found["shards"].append(n / (time.perf_counter() - t))
+            order = np.random.default_rng(seed).permutation(len(ds))[:limit]
+            t = time.perf_counter()
+            for i in order:
+                ds[int(i)]["pixel_values"].shape  # noqa: B018 (decode)
+            found["zips on the fly"].append(len(order) / (time.perf_counter() - t))
     return found
 
 
@@ -131,14 +136,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--samples", type=int, default=1500, help="samples of the one-process measurements (0), (a)"
     )
+    p.add_argument("--repeat", type=int, default=3, help="alternating repeats of (a)")
+    p.add_argument("--skip-train", action="store_true", help="only (0) and (a)")
     a = p.parse_args(argv)
     paths = prepare(a.root, a.images)
     print(f"machine: {describe_machine()}", flush=True)
     urls = sorted(glob.glob(os.path.join(paths["shards"], "*.tar")))
     for name, rate in bench_readers(urls, a.samples).items():
         print(f"(0) raw read, {name:18s}: {rate:8.0f} samples/s (load {load()})", flush=True)
-    for name, rate in bench_worker(paths, a.samples).items():
-        print(f"(a) one loader process, {name:16s}: {rate:6.1f} samples/s (load {load()})", flush=True)
+    for name, rates in bench_worker(paths, a.samples, a.repeat).items():
+        print(f"(a) one loader process, {name:16s}: median {sorted(rates)[len(rates) // 2]:6.1f} samples/s "
+              f"(runs: {', '.join(f'{r:.1f}' for r in rates)}; load {load()})", flush=True)  # fmt: skip
+    if a.skip_train:
+        return 0
     cache_dir = os.path.join(a.root, "cache")
     shutil.rmtree(cache_dir, ignore_errors=True)
     configs = [

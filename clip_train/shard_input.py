@@ -51,15 +51,23 @@ def count_samples(urls: list[str]) -> int | None:
         folder, name = os.path.split(url)
         if folder not in sizes_by_dir:
             path = os.path.join(folder, "sizes.json")
-            sizes_by_dir[folder] = json.load(open(path)) if os.path.isfile(path) else {}
+            sizes_by_dir[folder] = _read_json(path) if os.path.isfile(path) else {}
         if name in sizes_by_dir[folder]:
             total += int(sizes_by_dir[folder][name])
             continue
         stats = os.path.join(folder, name.rsplit(".", 1)[0] + "_stats.json")
         if not os.path.isfile(stats):
             return None
-        total += int(json.load(open(stats))["successes"])
+        total += int(_read_json(stats)["successes"])
     return total
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable json file ({e})") from e
 
 
 def make_split(split: str, data_args: Any, training_args: Any, tokenizer: Any, image_size: int,
@@ -70,6 +78,8 @@ def make_split(split: str, data_args: Any, training_args: Any, tokenizer: Any, i
                            image_keys, cache_dir)  # fmt: skip
     urls = expand_shards(data_args.train_shards)
     n = data_args.train_num_samples or count_samples(urls)
+    if n and data_args.max_train_samples:
+        n = min(n, data_args.max_train_samples)
     if not n:
         raise DataError(
             "--train_shards: how many samples an epoch has is unknown: give --train_num_samples N, or put a "

@@ -264,6 +264,12 @@ class ShardLoader(DataLoader):
         # Debugging aid (and the tests' witness): the sample keys of every batch handed to the Trainer, a line each.
         log = os.environ.get("CLIP_SHARD_KEY_LOG")
         log = log and open(f"{log}.rank{self.dataset.rank}", "a")
+        try:
+            yield from self._batches(log)
+        except DataError as e:  # raised in a loader worker: torch wraps it with the worker's traceback
+            raise DataError(str(e).rstrip().rsplit("DataError: ", 1)[-1]) from None
+
+    def _batches(self, log: Any) -> Iterator[dict]:
         for batch in super().__iter__():
             meta = batch.pop("_stream")
             self.dataset.record(meta)

@@ -137,7 +137,9 @@ def test_bad_samples_and_a_truncated_shard_are_counted_and_skipped(shards, tmp_p
     out = tmp_path / "out"
     # One stream, batch 2, two samples more than the usable ones: the stream draws every raw sample once (and meets
     # the cut), then starts its shards again for 2 more good samples; bad.tar may come first in that second pass.
-    args = train_args(shards, str(out), pattern, "--train_num_samples", str(usable + 2), "--shuffle_buffer", "0")
+    args = train_args(
+        shards, str(out), pattern, "--train_num_samples", str(usable + 2), "--shuffle_buffer", "0"
+    )
     args[args.index("--per_device_train_batch_size") + 1] = "2"
     args[args.index("--dataloader_num_workers") + 1] = "1"
     r = run_py(args, timeout=400, env={"OMP_NUM_THREADS": "1"})
@@ -146,7 +148,8 @@ def test_bad_samples_and_a_truncated_shard_are_counted_and_skipped(shards, tmp_p
     skipped = {k: v for k, v in results.items() if k.startswith("train_skipped_")}
     assert skipped.pop("train_skipped_corrupt_shards") == 1, skipped
     kinds = ("undecodable_image", "missing_image", "missing_caption", "empty_caption")
-    assert set(skipped) == {f"train_skipped_{k}" for k in kinds} and set(skipped.values()) in ({1}, {2}), skipped
+    assert set(skipped) == {f"train_skipped_{k}" for k in kinds}, skipped
+    assert set(skipped.values()) in ({1}, {2}), skipped
     assert results["train_timed_steps"] == usable // 2 + 1
     assert "cut.tar" in r.stderr and "the rest of it is skipped" in r.stderr
 
@@ -160,7 +163,8 @@ def test_retrieval_from_validation_shards_equals_the_coco_folder(shards, tmp_pat
                     "--per_device_eval_batch_size", "16", "--report_to", "none", "--use_cpu", *source])  # fmt: skip
         assert r.returncode == 0, r.stderr[-3000:]
         found[name] = json.load(open(out / "eval_results.json"))
-    keys = [k for k in found["coco"] if "R@" in k or "rank" in k or k in ("eval_loss", "eval_retrieval_images")]
+    wanted = ("eval_loss", "eval_retrieval_images")
+    keys = [k for k in found["coco"] if "R@" in k or "rank" in k or k in wanted]
     assert len(keys) > 10
     assert {k: found["shards"][k] for k in keys} == {k: found["coco"][k] for k in keys}
 
@@ -172,14 +176,17 @@ def test_kill_mid_epoch_then_rerun_continues_with_exactly_the_uninterrupted_batc
     logs, procs = {}, {}
     for name in ("reference", "killed"):
         logs[name] = str(tmp_path / f"keys-{name}")
-        args = train_args(shards, str(tmp_path / name), pattern, "--num_train_epochs", "2", "--save_steps", "10")
+        args = train_args(
+            shards, str(tmp_path / name), pattern, "--num_train_epochs", "2", "--save_steps", "10"
+        )
         procs[name] = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL,
                                        stderr=open(tmp_path / f"{name}.err", "w"),
                                        env={**env, "CLIP_SHARD_KEY_LOG": logs[name]})  # fmt: skip
     deadline = time.monotonic() + 300
     killed = procs["killed"]
     while not (os.path.exists(logs["killed"] + ".rank0") and len(key_log(logs["killed"])) > 125):
-        assert killed.poll() is None and time.monotonic() < deadline, open(tmp_path / "killed.err").read()[-3000:]
+        err = tmp_path / "killed.err"
+        assert killed.poll() is None and time.monotonic() < deadline, err.read_text()[-3000:]
         time.sleep(0.05)
     below = psutil.Process(killed.pid).children(recursive=True)
     killed.send_signal(signal.SIGKILL)
@@ -190,14 +197,17 @@ def test_kill_mid_epoch_then_rerun_continues_with_exactly_the_uninterrupted_batc
     assert 100 < resumed_at < 200
     before = key_log(logs["killed"])[:resumed_at]
     os.rename(logs["killed"] + ".rank0", logs["killed"] + ".first.rank0")
-    args = train_args(shards, str(tmp_path / "killed"), pattern, "--num_train_epochs", "2", "--save_steps", "10")
+    args = train_args(
+        shards, str(tmp_path / "killed"), pattern, "--num_train_epochs", "2", "--save_steps", "10"
+    )
     rerun = run_py(args, timeout=400, env={"OMP_NUM_THREADS": "1", "CLIP_SHARD_KEY_LOG": logs["killed"]})
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"shard stream resumes epoch 1 after {resumed_at - 100} of its 100 batches" in rerun.stderr
     assert procs["reference"].wait(300) == 0
     reference, after = key_log(logs["reference"]), key_log(logs["killed"])
     assert len(reference) == 200 and len(after) == 200 - resumed_at
-    assert before + after == reference  # the same batches in the same order: nothing repeated, nothing skipped
+    # The same batches in the same order: nothing repeated, nothing skipped.
+    assert before + after == reference
     for epoch in (0, 1):
         keys = Counter(k for e, batch in before + after if e == epoch for k in batch)
         assert len(keys) == 800 and set(keys.values()) == {1}
