@@ -107,6 +107,17 @@ def test_two_ranks_two_workers_see_each_sample_once_and_take_equal_steps(shards,
     assert results["train_timed_steps"] == steps
 
 
+def write_bad_tar(path: str, jpg: bytes) -> None:
+    """4 bad samples (one of each kind) and 4 good ones."""
+    with wds.TarWriter(path) as w:
+        w.write({"__key__": "b0", "jpg": b"not a jpeg at all", "txt": "a caption"})  # undecodable
+        w.write({"__key__": "b1", "txt": "a caption without image"})  # only the caption file
+        w.write({"__key__": "b2", "jpg": jpg})  # only the image file
+        w.write({"__key__": "b3", "jpg": jpg, "txt": "   "})  # empty caption
+        for i in range(4):
+            w.write({"__key__": f"g{i}", "jpg": jpg, "txt": f"good caption {i}"})
+
+
 def plant_bad_shards(shards: dict, folder) -> int:
     """Two good shards, one shard of planted bad samples among good ones, one good shard cut inside its 21st
     sample's image (a download cut short). Returns the number of usable samples."""
@@ -115,14 +126,7 @@ def plant_bad_shards(shards: dict, folder) -> int:
     rows = {k: v[:200] for k, v in train.items()}
     write_shards(rows, str(folder / "good"), 50)  # 4 shards: 00000-00003
     good = [str(folder / "good" / f"{i:05d}.tar") for i in range(4)]
-    jpg = next(s for s in read_samples(good[:1], print))["jpg"]
-    with wds.TarWriter(str(folder / "bad.tar")) as w:
-        w.write({"__key__": "b0", "jpg": b"not a jpeg at all", "txt": "a caption"})  # undecodable
-        w.write({"__key__": "b1", "txt": "a caption without image"})  # only the caption file
-        w.write({"__key__": "b2", "jpg": jpg})  # only the image file
-        w.write({"__key__": "b3", "jpg": jpg, "txt": "   "})  # empty caption
-        for i in range(4):
-            w.write({"__key__": f"g{i}", "jpg": jpg, "txt": f"good caption {i}"})
+    write_bad_tar(str(folder / "bad.tar"), next(s for s in read_samples(good[:1], print))["jpg"])
     with tarfile.open(good[3]) as t:
         cut = t.getmember("000030020.jpg").offset + 512 + 100  # inside the image's bytes
     data = open(good[3], "rb").read()
@@ -170,21 +174,24 @@ def test_retrieval_from_validation_shards_equals_the_coco_folder(shards, tmp_pat
 
 
 def test_kill_mid_epoch_then_rerun_continues_with_exactly_the_uninterrupted_batches(shards, tmp_path):
-    """100 batches an epoch, 2 epochs, a checkpoint every 10 steps; killed in epoch 2 (after step 125)."""
-    pattern = f"{shards['root']}/train/{{00000..00007}}.tar"
+    """The 8 train shards + one with 4 bad samples among 4 good ones, 784 samples an epoch (98 batches of 8,
+    2 loader workers), 2 epochs, a checkpoint every 10 steps; killed in epoch 2 after step 123 (samples were
+    skipped before the checkpoint, so the saved per-worker progress is what makes the resume exact)."""
+    write_bad_tar(
+        str(tmp_path / "bad.tar"), next(read_samples([f"{shards['root']}/train/00000.tar"], print))["jpg"]
+    )
+    pattern = f"{shards['root']}/train/{{00000..00007}}.tar::{tmp_path}/bad.tar"
+    extra = ["--num_train_epochs", "2", "--save_steps", "10", "--train_num_samples", "784"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs, procs = {}, {}
     for name in ("reference", "killed"):
         logs[name] = str(tmp_path / f"keys-{name}")
-        args = train_args(
-            shards, str(tmp_path / name), pattern, "--num_train_epochs", "2", "--save_steps", "10"
-        )
-        procs[name] = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                                       stderr=open(tmp_path / f"{name}.err", "w"),
+        procs[name] = subprocess.Popen([sys.executable, *train_args(shards, str(tmp_path / name), pattern, *extra)],
+                                       cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{name}.err", "w"),
                                        env={**env, "CLIP_SHARD_KEY_LOG": logs[name]})  # fmt: skip
     deadline = time.monotonic() + 300
     killed = procs["killed"]
-    while not (os.path.exists(logs["killed"] + ".rank0") and len(key_log(logs["killed"])) > 125):
+    while not (os.path.exists(logs["killed"] + ".rank0") and len(key_log(logs["killed"])) > 123):
         err = tmp_path / "killed.err"
         assert killed.poll() is None and time.monotonic() < deadline, err.read_text()[-3000:]
         time.sleep(0.05)
@@ -193,21 +200,26 @@ def test_kill_mid_epoch_then_rerun_continues_with_exactly_the_uninterrupted_batc
     for p in below:
         p.send_signal(signal.SIGKILL)
     killed.wait(60)
-    resumed_at = int(complete_checkpoints(str(tmp_path / "killed"))[-1].rsplit("-", 1)[1])
-    assert 100 < resumed_at < 200
+    last = complete_checkpoints(str(tmp_path / "killed"))[-1]
+    resumed_at = int(last.rsplit("-", 1)[1])
+    assert 98 < resumed_at < 196
+    saved = json.load(open(os.path.join(last, "shard_stream-rank0.json")))
+    assert sum(saved["emitted"]) > saved["batches"] * 8 and saved["skipped"]  # skips before the checkpoint
     before = key_log(logs["killed"])[:resumed_at]
     os.rename(logs["killed"] + ".rank0", logs["killed"] + ".first.rank0")
-    args = train_args(
-        shards, str(tmp_path / "killed"), pattern, "--num_train_epochs", "2", "--save_steps", "10"
-    )
+    args = train_args(shards, str(tmp_path / "killed"), pattern, *extra)
     rerun = run_py(args, timeout=400, env={"OMP_NUM_THREADS": "1", "CLIP_SHARD_KEY_LOG": logs["killed"]})
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"shard stream resumes epoch 1 after {resumed_at - 100} of its 100 batches" in rerun.stderr
+    assert f"shard stream resumes epoch 1 after {resumed_at - 98} of its 98 batches" in rerun.stderr
     assert procs["reference"].wait(300) == 0
     reference, after = key_log(logs["reference"]), key_log(logs["killed"])
-    assert len(reference) == 200 and len(after) == 200 - resumed_at
+    assert len(reference) == 196 and len(after) == 196 - resumed_at
     # The same batches in the same order: nothing repeated, nothing skipped.
     assert before + after == reference
     for epoch in (0, 1):
         keys = Counter(k for e, batch in before + after if e == epoch for k in batch)
-        assert len(keys) == 800 and set(keys.values()) == {1}
+        assert sum(keys.values()) == 784 and set(keys.values()) == {1}
+    # The skip counts cover the whole run, the part before the kill included.
+    results = [json.load(open(tmp_path / name / "all_results.json")) for name in ("reference", "killed")]
+    skips = [{k: v for k, v in r.items() if "skipped" in k} for r in results]
+    assert skips[0] == skips[1] and skips[0]
