@@ -41,25 +41,25 @@ def expand_shards(spec: str) -> list[str]:
     return urls
 
 
-def count_samples(urls: list[str]) -> int | None:
-    """Samples in the shards from the sizes files next to them: ``sizes.json`` (open_clip's {shard: n}) or
-    img2dataset's per-shard ``NNNNN_stats.json`` ("successes"); None if a local shard has neither."""
-    total, sizes_by_dir = 0, {}
+def shard_sizes(urls: list[str]) -> dict[str, int] | None:
+    """Samples per shard from the sizes files next to them: ``sizes.json`` (open_clip's {shard file: n}) or
+    img2dataset's per-shard ``NNNNN_stats.json`` ("successes"); None if a shard has neither (or is remote)."""
+    sizes, by_dir = {}, {}
     for url in urls:
         if "://" in url:
             return None
         folder, name = os.path.split(url)
-        if folder not in sizes_by_dir:
+        if folder not in by_dir:
             path = os.path.join(folder, "sizes.json")
-            sizes_by_dir[folder] = _read_json(path) if os.path.isfile(path) else {}
-        if name in sizes_by_dir[folder]:
-            total += int(sizes_by_dir[folder][name])
+            by_dir[folder] = _read_json(path) if os.path.isfile(path) else {}
+        if name in by_dir[folder]:
+            sizes[url] = int(by_dir[folder][name])
             continue
         stats = os.path.join(folder, name.rsplit(".", 1)[0] + "_stats.json")
         if not os.path.isfile(stats):
             return None
-        total += int(_read_json(stats)["successes"])
-    return total
+        sizes[url] = int(_read_json(stats)["successes"])
+    return sizes
 
 
 def _read_json(path: str) -> dict:
@@ -77,7 +77,8 @@ def make_split(split: str, data_args: Any, training_args: Any, tokenizer: Any, i
         return _validation(expand_shards(data_args.validation_shards), data_args, tokenizer, image_size,
                            image_keys, cache_dir)  # fmt: skip
     urls = expand_shards(data_args.train_shards)
-    n = data_args.train_num_samples or count_samples(urls)
+    sizes = shard_sizes(urls)
+    n = data_args.train_num_samples or (sum(sizes.values()) if sizes else None)
     if n and data_args.max_train_samples:
         n = min(n, data_args.max_train_samples)
     if not n:
@@ -91,7 +92,7 @@ def make_split(split: str, data_args: Any, training_args: Any, tokenizer: Any, i
         batch_size=training_args.per_device_train_batch_size, world=training_args.world_size,
         rank=training_args.process_index, workers=training_args.dataloader_num_workers, num_samples=n,
         seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
-        shuffle_buffer=data_args.shuffle_buffer,
+        shuffle_buffer=data_args.shuffle_buffer, sizes=sizes,
     )  # fmt: skip
     # The stream resumes itself mid-epoch (shard_stream.ShardStateCallback); the Trainer must not also skip batches.
     training_args.ignore_data_skip = True
@@ -115,7 +116,7 @@ def _validation(urls: list[str], data_args: Any, tokenizer: Any, image_size: int
         logger.warning("shard %s: %s; the rest of it is skipped", url, str(exn).splitlines()[0][:300])
         skipped["corrupt_shards"] += 1
 
-    for sample in read_samples(urls, on_error):
+    for sample in read_samples(urls, on_error, shard_sizes(urls)):
         key = next((k for k in image_keys if k in sample), None)
         text = sample.get(data_args.caption_key)
         if key is None or text is None:

@@ -53,9 +53,13 @@ def open_shard(url: str) -> Any:
     return fsspec.open(url, "rb").open()
 
 
-def read_samples(urls: list[str], on_error: Any) -> Iterator[dict]:
+def read_samples(urls: list[str], on_error: Any, sizes: dict[str, int] | None = None) -> Iterator[dict]:
     """Raw samples ({"__key__", ext: bytes, ...}) of the shards in order. A shard that cannot be opened, or is
-    corrupt or truncated, is reported to ``on_error(url, exception)`` once and the rest of it is skipped."""
+    corrupt or truncated, is reported to ``on_error(url, exception)`` once and the rest of it is skipped.
+
+    ``sizes`` (samples per shard, from the sizes files): a shard that ends with fewer samples is reported too, at
+    the end of the pass. Python's tarfile takes a tar cut inside a member's header for a complete shorter one, so
+    without sizes such a cut goes unnoticed."""
     current: dict[str, str] = {}
     failed: set[str] = set()
 
@@ -77,7 +81,14 @@ def read_samples(urls: list[str], on_error: Any) -> Iterator[dict]:
             on_error(url, exn)
         return True  # go on with the next shard
 
-    yield from group_by_keys(tar_file_expander(opened(), handler=handler), handler=handler)
+    counts: Counter = Counter()
+    for sample in group_by_keys(tar_file_expander(opened(), handler=handler), handler=handler):
+        counts[sample["__url__"]] += 1
+        yield sample
+    for url in urls:
+        listed = (sizes or {}).get(url)
+        if listed is not None and counts[url] < listed and url not in failed:
+            on_error(url, ValueError(f"{counts[url]} samples where its sizes file lists {listed}: cut short"))
 
 
 class ShardStream(IterableDataset):
@@ -85,11 +96,16 @@ class ShardStream(IterableDataset):
 
     def __init__(self, urls: list[str], *, tokenizer: Any, max_len: int, image_size: int, image_keys: list[str],
                  caption_key: str, batch_size: int, world: int, rank: int, workers: int, num_samples: int,
-                 seed: int, shuffle_buffer: int) -> None:  # fmt: skip
+                 seed: int, shuffle_buffer: int, sizes: dict[str, int] | None = None) -> None:  # fmt: skip
         self.urls, self.tokenizer, self.max_len, self.image_size = urls, tokenizer, max_len, image_size
         self.image_keys, self.caption_key = image_keys, caption_key
         self.batch_size, self.world, self.rank, self.workers = batch_size, world, rank, max(1, workers)
-        self.seed, self.shuffle_buffer, self.num_samples = seed, shuffle_buffer, num_samples
+        self.seed, self.shuffle_buffer, self.num_samples, self.sizes = (
+            seed,
+            shuffle_buffer,
+            num_samples,
+            sizes,
+        )
         self.batches_per_epoch = num_samples // (batch_size * world)
         streams = world * self.workers
         if len(urls) < streams:
@@ -159,7 +175,7 @@ class ShardStream(IterableDataset):
         for rerun in range(1_000_000):
             if rerun:  # the stream's quota is not met yet: its shards again, in another order
                 random.Random(f"{self.seed}/{epoch}/{self.rank}/{stream}/{rerun}").shuffle(mine)
-            samples = read_samples(mine, on_error)
+            samples = read_samples(mine, on_error, self.sizes)
             if self.shuffle_buffer > 1:
                 rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{stream}/{rerun}/buffer")
                 samples = wds_shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)

@@ -21,6 +21,7 @@ from conftest import REPO, run_py
 
 from clip_train.coco import DataError, load_coco_split
 from clip_train.outputs import complete_checkpoints
+from clip_train.shard_input import shard_sizes
 from clip_train.shard_stream import ShardStream, read_samples
 from clip_train.shards import write_shards
 
@@ -83,6 +84,23 @@ def test_too_few_shards_or_samples_is_a_clear_error(shards):
         ShardStream(urls, batch_size=8, world=2, workers=4, num_samples=200, **common)
     with pytest.raises(DataError, match="fewer than one global batch"):
         ShardStream(urls, batch_size=64, world=2, workers=2, num_samples=100, **common)
+
+
+def test_a_shard_cut_between_members_is_caught_by_its_sizes_file(shards, tmp_path):
+    """tarfile reads a tar cut inside a member's header as a complete, shorter one: the sizes file tells."""
+    write_shards({k: v[:200] for k, v in shards["train"].items()}, str(tmp_path), 50)
+    urls = [str(tmp_path / f"{i:05d}.tar") for i in range(4)]
+    with tarfile.open(urls[1]) as t:
+        cut = t.getmember("000010010.jpg").offset + 100  # inside the 11th sample's first header
+    data = open(urls[1], "rb").read()
+    open(urls[1], "wb").write(data[:cut])
+    errors = []
+    samples = list(read_samples(urls, lambda url, e: errors.append((url, str(e)))))
+    assert len(samples) == 160 and errors == []  # unnoticed without sizes
+    samples = list(read_samples(urls, lambda url, e: errors.append((url, str(e))), shard_sizes(urls)))
+    assert len(samples) == 160 and errors == [
+        (urls[1], "10 samples where its sizes file lists 50: cut short")
+    ]
 
 
 @pytest.mark.parametrize("kind", ["even", "uneven"])
