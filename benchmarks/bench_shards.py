@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--repeat", type=int, default=3, help="alternating repeats of (a)")
     p.add_argument("--skip-train", action="store_true", help="only (0) and (a)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of the training runs (0: torch's default; 1 is steadier on a busy machine)")  # fmt: skip
     a = p.parse_args(argv)
     paths = prepare(a.root, a.images)
     print(f"machine: {describe_machine()}", flush=True)
@@ -164,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, extra in configs:
         out = tempfile.mkdtemp(prefix="run-", dir=a.root)
         before = load()
-        r = run_config(train_args(paths, out, cache_dir, extra), os.path.join(a.root, "run.log"), {})
+        env = {"OMP_NUM_THREADS": str(a.threads)} if a.threads else {}
+        r = run_config(train_args(paths, out, cache_dir, extra), os.path.join(a.root, "run.log"), env)
         shutil.rmtree(out, ignore_errors=True)
         print(f"| {name} | {r['train_samples_per_second']:.1f} | {r['train_runtime']:.1f} | {r['wall_s']:.1f} | "
               f"{r['peak_rss'] / 2**30:.2f} GiB | {before} -> {load()} |", flush=True)  # fmt: skip
