@@ -73,6 +73,9 @@ def _read_json(path: str) -> dict:
 def make_split(split: str, data_args: Any, training_args: Any, tokenizer: Any, image_size: int,
                cache_dir: str) -> Split:  # fmt: skip
     image_keys = [k.strip().lower() for k in data_args.image_key.split(";") if k.strip()]
+    other = data_args.train_file if split == "train" else data_args.validation_file
+    if other:
+        raise DataError(f"give the {split} split either as shards or as {other!r}, not both")
     if split == "validation":
         return _validation(expand_shards(data_args.validation_shards), data_args, tokenizer, image_size,
                            image_keys, cache_dir)  # fmt: skip
