@@ -100,12 +100,8 @@ class ShardStream(IterableDataset):
         self.urls, self.tokenizer, self.max_len, self.image_size = urls, tokenizer, max_len, image_size
         self.image_keys, self.caption_key = image_keys, caption_key
         self.batch_size, self.world, self.rank, self.workers = batch_size, world, rank, max(1, workers)
-        self.seed, self.shuffle_buffer, self.num_samples, self.sizes = (
-            seed,
-            shuffle_buffer,
-            num_samples,
-            sizes,
-        )
+        self.seed, self.shuffle_buffer, self.sizes = seed, shuffle_buffer, sizes
+        self.num_samples = num_samples
         self.batches_per_epoch = num_samples // (batch_size * world)
         streams = world * self.workers
         if len(urls) < streams:
@@ -193,7 +189,10 @@ class ShardStream(IterableDataset):
             return
         for sample in self._raw(epoch, stream, pending):
             emitted += 1
-            if emitted <= skip:  # resuming: drawn before the checkpoint (not decoded)
+            if (
+                emitted <= skip
+            ):  # resuming: drawn before the checkpoint (not decoded; its skips already counted)
+                pending.clear()
                 continue
             item = self._decode(sample, pending)
             if item is None:
