@@ -3,6 +3,7 @@
     python -m clip_train.shards --data_dir /data/coco --split train --out /data/coco-shards/train
     python -m clip_train.shards --file pairs.csv --image_column path --caption_column text --out DIR
 
+Train rows are shuffled (``--seed``; ``--keep_order`` to keep them), validation rows keep their order.
 One sample per caption row: ``KEY.jpg`` (the image file's bytes as stored, never re-encoded; ``.png``/``.webp``
 keep their extension), ``KEY.txt`` (the caption, UTF-8) and ``KEY.json`` (key, caption, and the row's other
 columns such as image_id and caption_id), in shards ``00000.tar``, ``00001.tar``, ... of ``--samples_per_shard``
@@ -20,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import random
 import sys
 from collections import Counter
 from types import SimpleNamespace
@@ -38,13 +40,20 @@ def image_extension(path: str) -> str:
     return IMAGE_EXTENSIONS.get(path.rsplit(".", 1)[-1].lower(), "jpg")
 
 
-def write_shards(columns: dict[str, list], out: str, samples_per_shard: int = 1000) -> dict:
-    """Write the rows of ``columns`` (needs "caption" and "image_path"; other columns go to KEY.json).
+def write_shards(
+    columns: dict[str, list], out: str, samples_per_shard: int = 1000, seed: int | None = None
+) -> dict:
+    """Write the rows of ``columns`` (needs "caption" and "image_path"; other columns go to KEY.json), in their
+    order, or shuffled with ``seed``.
 
     Returns {"shards": [file names], "samples": n, "skipped": Counter}.
     """
     if samples_per_shard < 1:
         raise DataError(f"--samples_per_shard {samples_per_shard}: give at least 1")
+    if seed is not None:
+        order = list(range(len(columns["caption"])))
+        random.Random(seed).shuffle(order)
+        columns = {k: [v[i] for i in order] for k, v in columns.items()}
     os.makedirs(out, exist_ok=True)
     digits = max(4, len(str(samples_per_shard - 1)))  # img2dataset: 5 + 4 digits
     extra = [c for c in columns if c not in ("caption", "image_path")]
@@ -96,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for the shards")
     parser.add_argument("--samples_per_shard", type=int, default=1000)
     parser.add_argument("--max_samples", type=int, default=None, help="write only the first N rows")
+    parser.add_argument("--seed", type=int, default=0, help="shuffle seed of the rows (train)")
+    parser.add_argument(
+        "--keep_order", action="store_true",
+        help="write the rows in their order (always so for --split validation). By default train rows are "
+        "shuffled: where the source lists an image's captions together (the demo does, csv files often do), "
+        "unshuffled shards hold few images each, a loader worker reads only some shards, and its batches get "
+        "several captions of one image as each other's negatives",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(levelname)s - %(message)s", level=logging.INFO)
 
@@ -112,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         columns = dict(rows.columns)
         if args.max_samples is not None:
             columns = {k: v[: args.max_samples] for k, v in columns.items()}
-        done = write_shards(columns, args.out, args.samples_per_shard)
+        keep = args.keep_order or args.split == "validation"
+        done = write_shards(columns, args.out, args.samples_per_shard, None if keep else args.seed)
     except DataError as e:
         print(f"python -m clip_train.shards: error: {e}", file=sys.stderr)
         return 2
