@@ -192,14 +192,15 @@ def test_retrieval_from_validation_shards_equals_the_coco_folder(shards, tmp_pat
 
 
 def test_kill_mid_epoch_then_rerun_continues_with_exactly_the_uninterrupted_batches(shards, tmp_path):
-    """The 8 train shards + one with 4 bad samples among 4 good ones, 784 samples an epoch (98 batches of 8,
-    2 loader workers), 2 epochs, a checkpoint every 10 steps; killed in epoch 2 after step 123 (samples were
-    skipped before the checkpoint, so the saved per-worker progress is what makes the resume exact)."""
+    """The 8 train shards + one with 4 bad samples among 4 good ones, 392 samples an epoch (49 batches of 8 from
+    2 loader workers, each with shards enough for its share), 2 epochs, a checkpoint every 5 steps; killed in
+    epoch 2 after step 61. Samples were skipped before the checkpoint: the saved per-worker progress, not the step
+    count, is what makes the resume exact."""
     write_bad_tar(
         str(tmp_path / "bad.tar"), next(read_samples([f"{shards['root']}/train/00000.tar"], print))["jpg"]
     )
     pattern = f"{shards['root']}/train/{{00000..00007}}.tar::{tmp_path}/bad.tar"
-    extra = ["--num_train_epochs", "2", "--save_steps", "10", "--train_num_samples", "784"]
+    extra = ["--num_train_epochs", "2", "--save_steps", "5", "--train_num_samples", "392"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs, procs = {}, {}
     for name in ("reference", "killed"):
@@ -209,7 +210,7 @@ def test_kill_mid_epoch_then_rerun_continues_with_exactly_the_uninterrupted_batc
                                        env={**env, "CLIP_SHARD_KEY_LOG": logs[name]})  # fmt: skip
     deadline = time.monotonic() + 300
     killed = procs["killed"]
-    while not (os.path.exists(logs["killed"] + ".rank0") and len(key_log(logs["killed"])) > 123):
+    while not (os.path.exists(logs["killed"] + ".rank0") and len(key_log(logs["killed"])) > 61):
         err = tmp_path / "killed.err"
         assert killed.poll() is None and time.monotonic() < deadline, err.read_text()[-3000:]
         time.sleep(0.05)
@@ -220,7 +221,7 @@ def test_kill_mid_epoch_then_rerun_continues_with_exactly_the_uninterrupted_batc
     killed.wait(60)
     last = complete_checkpoints(str(tmp_path / "killed"))[-1]
     resumed_at = int(last.rsplit("-", 1)[1])
-    assert 98 < resumed_at < 196
+    assert 49 < resumed_at < 98
     saved = json.load(open(os.path.join(last, "shard_stream-rank0.json")))
     assert sum(saved["emitted"]) > saved["batches"] * 8 and saved["skipped"]  # skips before the checkpoint
     before = key_log(logs["killed"])[:resumed_at]
@@ -228,15 +229,15 @@ def test_kill_mid_epoch_then_rerun_continues_with_exactly_the_uninterrupted_batc
     args = train_args(shards, str(tmp_path / "killed"), pattern, *extra)
     rerun = run_py(args, timeout=400, env={"OMP_NUM_THREADS": "1", "CLIP_SHARD_KEY_LOG": logs["killed"]})
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"shard stream resumes epoch 1 after {resumed_at - 98} of its 98 batches" in rerun.stderr
+    assert f"shard stream resumes epoch 1 after {resumed_at - 49} of its 49 batches" in rerun.stderr
     assert procs["reference"].wait(300) == 0
     reference, after = key_log(logs["reference"]), key_log(logs["killed"])
-    assert len(reference) == 196 and len(after) == 196 - resumed_at
+    assert len(reference) == 98 and len(after) == 98 - resumed_at
     # The same batches in the same order: nothing repeated, nothing skipped.
     assert before + after == reference
     for epoch in (0, 1):
         keys = Counter(k for e, batch in before + after if e == epoch for k in batch)
-        assert sum(keys.values()) == 784 and set(keys.values()) == {1}
+        assert sum(keys.values()) == 392 and set(keys.values()) == {1}
     # The skip counts cover the whole run, the part before the kill included.
     results = [json.load(open(tmp_path / name / "all_results.json")) for name in ("reference", "killed")]
     skips = [{k: v for k, v in r.items() if "skipped" in k} for r in results]
