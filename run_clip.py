@@ -22,7 +22,7 @@ from transformers import (
     set_seed,
 )
 
-from clip_train import backend, checkpointing, data, device_settings, loading, outputs
+from clip_train import backend, checkpointing, data, device_settings, loading, outputs, shard_input
 from clip_train.args import ArgumentError, parse_args, plan_backend
 from clip_train.coco import DataError
 from clip_train.guard import TrainingDiverged
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         training_args,
         data.given_options(argv),
         accelerator=training_args.device.type != "cpu",
-        image_cache=data_args.image_cache,
+        image_cache=data_args.image_cache and not data_args.train_shards,  # shards decode in the loader
     )
     if feeding:
         logger.info("DataLoader settings not given, chosen: %s", feeding)
@@ -109,13 +109,18 @@ def main(argv: list[str] | None = None) -> dict:
     for split, needed in wanted.items():
         if not needed:
             continue
-        rows = loading.load_rows(data_args, split)
-        limit = data_args.max_train_samples if split == "train" else data_args.max_eval_samples
-        with training_args.main_process_first(desc=f"{split} caches"):
-            splits[split] = loading.make_split(
-                rows, tokenizer, data_args, image_size=image_size, cache_dir=cache_dir, limit=limit,
-                name=split,
-            )  # fmt: skip
+        if shard_input.given(data_args, split):  # WebDataset shards: train streamed, validation read whole
+            splits[split] = shard_input.make_split(
+                split, data_args, training_args, tokenizer, image_size, cache_dir
+            )
+        else:
+            rows = loading.load_rows(data_args, split)
+            limit = data_args.max_train_samples if split == "train" else data_args.max_eval_samples
+            with training_args.main_process_first(desc=f"{split} caches"):
+                splits[split] = loading.make_split(
+                    rows, tokenizer, data_args, image_size=image_size, cache_dir=cache_dir, limit=limit,
+                    name=split,
+                )  # fmt: skip
         prefix = "train" if split == "train" else "eval"
         skipped[split] = {f"{prefix}_skipped_{k}": v for k, v in splits[split].skipped.items()}
     loading.check_sizes(splits, training_args)

@@ -87,6 +87,24 @@ class DataTrainingArguments:
         default=None,
         metadata={"help": "Where the token/image caches live (default ~/.cache/clip_for_pytorch)."},
     )
+    # WebDataset shards (clip_train/shard_input.py, shard_stream.py); replace the COCO folder / files of a split.
+    train_shards: str | None = field(
+        default=None,
+        metadata={"help": "Train shards: brace patterns joined with ::, e.g. /d/{00000..00331}.tar"},
+    )
+    validation_shards: str | None = field(
+        default=None, metadata={"help": "Validation shards, as --train_shards."}
+    )
+    train_num_samples: int | None = field(
+        default=None, metadata={"help": "Samples in the train shards (default: sizes.json / *_stats.json)."}
+    )
+    image_key: str = field(
+        default="jpg;png;webp", metadata={"help": "Image file extensions in a shard sample."}
+    )
+    caption_key: str = field(default="txt", metadata={"help": "Caption file extension in a shard sample."})
+    shuffle_buffer: int = field(
+        default=1000, metadata={"help": "Samples in each loader worker's shuffle buffer."}
+    )
 
 
 @dataclass

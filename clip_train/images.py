@@ -84,7 +84,11 @@ def read_bytes(path: str) -> bytes:
 
 def load_image(path: str, size: int) -> np.ndarray:
     """Decode one image to RGB, resize its shorter side to ``size`` (bicubic) and center-crop: uint8 [size, size, 3]."""
-    data = read_bytes(path)
+    return decode_image(read_bytes(path), size, path)
+
+
+def decode_image(data: bytes, size: int, name: str = "image") -> np.ndarray:
+    """``load_image`` on bytes already read (a tar member): the same decode, resize and crop; BadImage if unusable."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -100,7 +104,7 @@ def load_image(path: str, size: int) -> np.ndarray:
         Image.DecompressionBombError,
         Image.DecompressionBombWarning,
     ) as e:
-        raise BadImage(f"cannot decode {path}: {e}") from e
+        raise BadImage(f"cannot decode {name}: {e}") from e
 
 
 def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:

@@ -58,6 +58,13 @@ class ClipTrainer(BackendTrainerMixin, Trainer):
         self._pixel_buffer: torch.Tensor | None = None
         self._undecodable: dict[str, int] = {}  # samples left out of batches on the fly, by phase, this rank
         self.add_callback(_StepClock(self._clock))
+        if hasattr(self.train_dataset, "make_loader"):  # streamed shards save their progress with checkpoints
+            self.add_callback(self.train_dataset.callback())
+
+    def get_train_dataloader(self) -> Any:
+        # Streamed shards split themselves over ranks and workers: accelerate's wrapper would make each rank read all.
+        make = getattr(self.train_dataset, "make_loader", None)
+        return make(self.args, self.data_collator) if make else super().get_train_dataloader()
 
     # --- loss -------------------------------------------------------------------------------------------------
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
@@ -152,11 +159,13 @@ class ClipTrainer(BackendTrainerMixin, Trainer):
         """Samples whose image failed to decode on the fly and were left out of their batch (every rank, every time
         one was drawn), as ``{prefix}_skipped_undecodable_samples``; empty when there were none. Collective: every
         rank calls it."""
-        count = torch.tensor(self._undecodable.get(phase, 0), device=self.args.device)
+        counts = {"undecodable_samples": self._undecodable.get(phase, 0)}
+        if phase == "train" and hasattr(self.train_dataset, "skip_counts"):  # streamed shards' skips
+            counts.update(self.train_dataset.skip_counts())
+        values = torch.tensor(list(counts.values()), device=self.args.device)
         if self.args.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(count)
-        total = int(count)
-        return {f"{prefix}_skipped_undecodable_samples": total} if total else {}
+            torch.distributed.all_reduce(values)
+        return {f"{prefix}_skipped_{k}": int(v) for k, v in zip(counts, values.tolist(), strict=True) if v}
 
     # --- throughput -------------------------------------------------------------------------------------------
     def training_step(
