@@ -313,7 +313,7 @@ def make_plan(opts: Options, environ: dict[str, str], probe=probe_devices) -> Pl
     if "demo" in opts.switches:  # the demo's towers start from random weights: they need a larger step
         args.update(learning_rate=["5e-4"], logging_steps=["10"])
     args["save_steps"] = [str(SAVE_STEPS_MULTI if multi else SAVE_STEPS_1P)]
-    if multi:
+    if multi and family == "npu":  # the recipe's Ascend value; run_clip.py picks each family's otherwise
         args["ddp_bucket_cap_mb"] = ["150"]
     if kind == "perf":
         args["max_steps"] = ["1000"]

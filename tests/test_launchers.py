@@ -152,7 +152,7 @@ def test_user_flags_win_over_the_defaults(dirs, tmp_path: Path) -> None:
     assert flags["save_steps"] == ["5"] and flags["learning_rate"] == ["1e-4"] and flags["fp16"] == ["False"]
     assert flags["overwrite_output_dir"] == [] and flags["report_to"] == ["tensorboard", "none"]
     assert flags["per_device_eval_batch_size"] == ["16"] and flags["max_steps"] == ["7"]
-    assert flags["num_train_epochs"] == ["1"] and flags["ddp_bucket_cap_mb"] == ["150"]
+    assert flags["num_train_epochs"] == ["1"] and "ddp_bucket_cap_mb" not in flags  # 150 MB: Ascend only
     assert p.paths.summary_file == tmp_path / "out/0/clipx_bs16_1p_perf.log"
     assert list(p.command).count("--output_dir") == 1  # replaced in place, never "last one wins"
 
@@ -164,7 +164,7 @@ def test_multi_card_profiles_restart_and_use_the_8p_recipe(dirs, tmp_path: Path)
         "--nproc_per_node", "8", "--nnodes", "2", "--node_rank", "0", "--master_addr", "127.0.0.1",
         "--master_port", "29611", "--max_restarts", "3", str(REPO / "run_clip.py"), "--output_dir",
     ]  # fmt: skip
-    assert p.run_args["save_steps"] == ["15000"] and p.run_args["ddp_bucket_cap_mb"] == ["150"]
+    assert p.run_args["save_steps"] == ["15000"] and "ddp_bucket_cap_mb" not in p.run_args  # CPU host
     assert "max_steps" not in p.run_args and p.case == "clip_bs64_16p_acc"
     p = plan("full_8p", dirs, "--max_restarts=0", env=_env(tmp_path))
     assert p.command[p.command.index("--max_restarts") + 1] == "0"
@@ -197,6 +197,7 @@ def test_hccl_timeouts_are_never_lowered(dirs, tmp_path: Path) -> None:
     p = plan("full_8p", dirs, env=_env(tmp_path), devices=("npu", 8))
     assert p.env["HCCL_CONNECT_TIMEOUT"] == "1200" and "HCCL_EXEC_TIMEOUT" not in p.env  # Ascend's 1836 stays
     assert p.env["HCCL_WHITELIST_DISABLE"] == "1" and "HCCL_IF_IP" not in p.env and not p.notes
+    assert p.run_args["ddp_bucket_cap_mb"] == ["150"]  # the recipe's Ascend bucket, on Ascend only
     p = plan("full_8p", dirs, env=_env(tmp_path, HCCL_EXEC_TIMEOUT="600"), devices=("npu", 8))
     assert p.env["HCCL_EXEC_TIMEOUT"] == "600" and "below Ascend's default (1836 s)" in p.notes[0]
     p = plan("cluster", dirs, *CLUSTER_FLAGS, env=_env(tmp_path), devices=("npu", 8))
