@@ -112,6 +112,13 @@ class RecipeArguments:
             "help": "local: in-batch negatives per device (the recipe); global: over all ranks' batches."
         },
     )
+    accumulation_mode: str = field(
+        default="contrastive",
+        metadata={
+            "help": "With --gradient_accumulation_steps K > 1: contrastive scores the K micro-batches as one "
+            "batch (one extra forward each); mean: the Trainer's mean of K in-batch losses."
+        },
+    )
     max_logit_scale: float | None = field(
         default=None,
         metadata={"help": "Largest exp(logit_scale), clamped after each step; CLIP uses 100. Off."},
@@ -184,6 +191,10 @@ def parse_args(argv: list[str] | None = None) -> tuple:
         model_args.image_processor_name = model_args.feature_extractor_name
     if recipe_args.loss_scope not in ("local", "global"):
         raise ArgumentError(f"--loss_scope {recipe_args.loss_scope}: choose local or global")
+    if recipe_args.accumulation_mode not in ("contrastive", "mean"):
+        raise ArgumentError(
+            f"--accumulation_mode {recipe_args.accumulation_mode}: choose contrastive or mean"
+        )
     if recipe_args.save_minutes < 0:
         raise ArgumentError(f"--save_minutes {recipe_args.save_minutes}: give minutes >= 0 (0 turns it off)")
     if training_args.max_steps == 0:
