@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import time
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import RECIPE
 from test_loss import free_port, grads
 from test_resume import finish, kill_all, losses, start
 from torch.nn.parallel import DistributedDataParallel
@@ -27,7 +29,7 @@ from transformers import (
     VisionTextDualEncoderModel,
 )
 
-from clip_train import accumulation
+from clip_train import accumulation, backend
 from clip_train.accumulation import grad_cache_step
 from clip_train.data import ClipDataset, Collator, tokenize_captions
 from clip_train.loading import freeze_towers
@@ -177,7 +179,9 @@ def test_loss_scaler_scales_the_gradients_not_the_loss():
     assert_same((loss, {n: g / 1024.0 for n, g in scaled.items()}), (ref_loss, ref))
 
 
-def counting_mean(calls, bucket):  # unannotated: DDP checks the annotations, which __future__ turns to strings
+def counting_mean(
+    calls, bucket
+):  # unannotated: DDP checks the annotations, which __future__ turns to strings
     """DDP's own gradient averaging, counting the bucket reductions."""
     calls.append(1)
     work = dist.all_reduce(bucket.buffer(), async_op=True)
@@ -252,7 +256,8 @@ def demo_dataset(model_dir: str, rows: int = 128) -> tuple:
     return tok, ClipDataset(flat, offsets, np.arange(rows), pixels)
 
 
-def train(model_dir: str, out: str, batch: int, steps: int, mode: str = "contrastive", dropout: bool = False):
+def train(model_dir: str, out: str, batch: int, steps: int, mode: str = "contrastive", dropout: bool = False,
+          plan: backend.Plan | None = None):  # fmt: skip
     """Two optimizer steps of a real ClipTrainer: (logged losses, first step's gradients, final weights)."""
     tok, ds = demo_dataset(model_dir)
     model = AutoModel.from_pretrained(model_dir)
@@ -264,10 +269,12 @@ def train(model_dir: str, out: str, batch: int, steps: int, mode: str = "contras
                              gradient_accumulation_steps=steps, learning_rate=1e-3, weight_decay=0.1,
                              report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0,
                              logging_steps=1, max_grad_norm=0.0, seed=3, disable_tqdm=True)  # fmt: skip
+    if plan is not None:
+        args = backend.apply_plan(args, plan)
     probe = Probe(model)
     trainer = ClipTrainer(model=model, args=args, train_dataset=ds, data_collator=Collator(tok.pad_token_id, 128),
                           image_mean=[0.5] * 3, image_std=[0.25] * 3, callbacks=[probe], accumulation_mode=mode,
-                          retrieval=False)  # fmt: skip
+                          retrieval=False, backend_plan=plan)  # fmt: skip
     trainer.train()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return logged, probe.first, {n: p.detach().clone() for n, p in model.named_parameters()}, trainer
@@ -306,6 +313,23 @@ def test_trainer_k4_b16_takes_the_steps_of_b64(demo, tmp_path):
     assert worst(mean_grads, big_grads) > 1e-4  # and it is not the contrastive one
 
 
+def test_apex_o2_stand_in_backpropagates_each_micro_batch_through_scale_loss(demo, standins, tmp_path):
+    """The Ascend recipe's path (stand-in apex, tests/standins: no NPU here): each micro-batch's replay goes
+    through amp.scale_loss (real apex accumulates what each scale_loss unscales; today's stand-in unscales all grads
+    at each exit, so it cannot check accumulated values: only the loss of the first step is compared)."""
+    import apex
+
+    _, model_dir = demo
+    plan = backend.make_plan("npu", **RECIPE, optim="adamw_apex_fused_npu", use_combine_grad=True,
+                             apex_available=True)  # fmt: skip
+    want, _, _, _ = train(model_dir, str(tmp_path / "b16"), 16, 1, plan=plan)
+    apex.amp.CALLS.clear()
+    got, _, _, _ = train(model_dir, str(tmp_path / "k2"), 8, 2, plan=plan)
+    calls = [c[0] for c in apex.amp.CALLS if c[0] != "initialize"]
+    assert calls == ["scale_loss", "scale_loss", "step"] * 2  # (max_grad_norm 0: no clip)
+    assert got[0] == pytest.approx(want[0], abs=1e-4) and np.isfinite(got).all()
+
+
 # --- kill and resume --------------------------------------------------------------------------------------------
 def test_killed_and_resumed_k4_run_ends_at_the_uninterrupted_losses(demo, tmp_path):
     data_dir, model_dir = demo
@@ -329,6 +353,7 @@ def test_killed_and_resumed_k4_run_ends_at_the_uninterrupted_losses(demo, tmp_pa
             assert time.monotonic() < deadline, "no checkpoint in time"
             time.sleep(0.05)
         kill_all(killed)
+        assert killed.returncode == -signal.SIGKILL
         resumed_from = complete_checkpoints(out)[-1]
         killed = start(cmd(out), out + ".rerun.log")
         log = finish(killed, out + ".rerun.log")
