@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     model = loading.load_part(AutoModel, model_args.model_name_or_path, "model", **common)
     loading.freeze_towers(model, model_args.freeze_vision_model, model_args.freeze_text_model)
+    loading.checkpoint_towers(model, training_args)
     image_size = model.config.vision_config.image_size
 
     # 4. Data: caption rows -> tokenised captions + decoded images -----------------------------------------------

@@ -32,7 +32,7 @@ from transformers import (
 from clip_train import accumulation, backend
 from clip_train.accumulation import grad_cache_step
 from clip_train.data import ClipDataset, Collator, tokenize_captions
-from clip_train.loading import freeze_towers
+from clip_train.loading import checkpoint_towers, freeze_towers
 from clip_train.loss import clip_loss
 from clip_train.outputs import complete_checkpoints
 from clip_train.trainer import ClipTrainer
@@ -257,7 +257,7 @@ def demo_dataset(model_dir: str, rows: int = 128) -> tuple:
 
 
 def train(model_dir: str, out: str, batch: int, steps: int, mode: str = "contrastive", dropout: bool = False,
-          plan: backend.Plan | None = None):  # fmt: skip
+          plan: backend.Plan | None = None, checkpointing: bool = False):  # fmt: skip
     """Two optimizer steps of a real ClipTrainer: (logged losses, first step's gradients, final weights)."""
     tok, ds = demo_dataset(model_dir)
     model = AutoModel.from_pretrained(model_dir)
@@ -268,7 +268,9 @@ def train(model_dir: str, out: str, batch: int, steps: int, mode: str = "contras
     args = TrainingArguments(output_dir=out, max_steps=2, per_device_train_batch_size=batch,
                              gradient_accumulation_steps=steps, learning_rate=1e-3, weight_decay=0.1,
                              report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0,
-                             logging_steps=1, max_grad_norm=0.0, seed=3, disable_tqdm=True)  # fmt: skip
+                             logging_steps=1, max_grad_norm=0.0, seed=3, disable_tqdm=True,
+                             gradient_checkpointing=checkpointing)  # fmt: skip
+    checkpoint_towers(model, args)  # as run_clip.py does
     if plan is not None:
         args = backend.apply_plan(args, plan)
     probe = Probe(model)
@@ -328,6 +330,23 @@ def test_apex_o2_stand_in_backpropagates_each_micro_batch_through_scale_loss(dem
     calls = [c[0] for c in apex.amp.CALLS if c[0] != "initialize"]
     assert calls == ["scale_loss", "scale_loss", "step"] * 2  # (max_grad_norm 0: no clip)
     assert got[0] == pytest.approx(want[0], abs=1e-4) and np.isfinite(got).all()
+
+
+def test_gradient_checkpointing_runs_on_the_towers_and_changes_nothing(demo, tmp_path):
+    """--gradient_checkpointing with K = 2 and dropout on: the same losses and weights (the Trainer alone raises:
+    the dual encoder declares no checkpointing support; checkpoint_towers checkpoints its towers)."""
+    _, model_dir = demo
+    want, _, weights, _ = train(model_dir, str(tmp_path / "plain"), 8, 2, dropout=True)
+    got, _, ckpt_weights, trainer = train(
+        model_dir, str(tmp_path / "ckpt"), 8, 2, dropout=True, checkpointing=True
+    )
+    assert (
+        trainer.model.text_model.is_gradient_checkpointing
+        and trainer.model.vision_model.is_gradient_checkpointing
+    )
+    assert got == pytest.approx(want, abs=1e-5)
+    for name, w in weights.items():
+        torch.testing.assert_close(ckpt_weights[name], w, **TOL, msg=name)
 
 
 # --- kill and resume --------------------------------------------------------------------------------------------
