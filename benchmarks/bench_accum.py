@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             base = base or per_sample
             growth = f"{r['peak'] - r['loaded']:.2f}" if a.device == "cpu" else "-"
             label = f"{batch} x {k}" + (f", {mode}" if k > 1 else "")
-            print(f"| {shape} | {label} | {1 / per_sample:.1f} | {per_sample / base:.2f}x | {r['peak']:.2f} | "
+            print(f"| {shape} | {label} | {1 / per_sample:.3g} | {per_sample / base:.2f}x | {r['peak']:.2f} | "
                   f"{growth} | {before} -> {load()} |", flush=True)  # fmt: skip
     return 0
 
