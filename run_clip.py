@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from clip_train import backend, checkpointing, data, device_settings, loading, outputs, shard_input
+from clip_train.accumulation import describe as describe_accumulation
 from clip_train.args import ArgumentError, parse_args, plan_backend
 from clip_train.coco import DataError
 from clip_train.guard import TrainingDiverged
@@ -68,6 +69,11 @@ def main(argv: list[str] | None = None) -> dict:
     if feeding:
         logger.info("DataLoader settings not given, chosen: %s", feeding)
     logger.info("world_size=%d rank=%d", training_args.world_size, training_args.process_index)
+    if training_args.gradient_accumulation_steps > 1:
+        logger.info(describe_accumulation(
+            recipe_args.accumulation_mode, training_args.gradient_accumulation_steps,
+            training_args.per_device_train_batch_size, training_args.world_size, recipe_args.loss_scope,
+        ))  # fmt: skip
 
     checkpointing.settle_save_args(training_args)
     if (
@@ -99,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         AutoModel, model_args.model_name_or_path, "model", dtype=torch.float32, **common
     )
     loading.freeze_towers(model, model_args.freeze_vision_model, model_args.freeze_text_model)
+    loading.checkpoint_towers(model, training_args)
     image_size = model.config.vision_config.image_size
 
     # 4. Data: caption rows -> tokenised captions + decoded images -----------------------------------------------
@@ -140,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         image_std=image_processor.image_std,
         skip_steps=recipe_args.skip_steps,
         loss_scope=recipe_args.loss_scope,
+        accumulation_mode=recipe_args.accumulation_mode,
         retrieval=recipe_args.retrieval_eval,
         pad_id=tokenizer.pad_token_id,
         backend_plan=plan,

@@ -131,6 +131,13 @@ class RecipeArguments:
             "help": "local: in-batch negatives per device (the recipe); global: over all ranks' batches."
         },
     )
+    accumulation_mode: str = field(
+        default="contrastive",
+        metadata={
+            "help": "With --gradient_accumulation_steps K > 1: contrastive scores the K micro-batches as one "
+            "batch (one extra forward each); mean: the Trainer's mean of K in-batch losses."
+        },
+    )
     max_logit_scale: float | None = field(
         default=None,
         metadata={"help": "Largest exp(logit_scale), clamped after each step; CLIP uses 100. Off."},

@@ -55,6 +55,17 @@ def freeze_towers(model: Any, vision: bool, text: bool) -> None:
                 p.requires_grad_(False)
 
 
+def checkpoint_towers(model: Any, training_args: Any) -> None:
+    """--gradient_checkpointing for the dual encoder, which declares no support for it (the Trainer would raise):
+    checkpoint its two towers instead (both support it) and leave the Trainer's flag off."""
+    if not training_args.activation_checkpointing or model.supports_gradient_checkpointing:
+        return
+    kwargs = training_args.activation_checkpointing_kwargs or None
+    for tower in (model.vision_model, model.text_model):
+        tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    training_args.activation_checkpointing = training_args.gradient_checkpointing = False
+
+
 def _read_table(path: str) -> datasets.Dataset:
     ext = path.rsplit(".", 1)[-1].lower()
     kind = {"csv": "csv", "json": "json", "jsonl": "json"}.get(ext)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .accumulation import ContrastiveAccumulationMixin
 from .apex_amp import BackendTrainerMixin
 from .backend import synchronize
 from .data import ClipDataset
@@ -34,7 +35,7 @@ def normalize_pixels(
     return torch.addcmul(-mean / std, out, 1.0 / (std * 255.0), out=out)
 
 
-class ClipTrainer(BackendTrainerMixin, Trainer):
+class ClipTrainer(BackendTrainerMixin, ContrastiveAccumulationMixin, Trainer):
     """Adds to the Trainer: device-side image normalisation, our loss, and the recipe's FPS definition."""
 
     def __init__(
@@ -89,6 +90,16 @@ class ClipTrainer(BackendTrainerMixin, Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
+        out = self.embed(model, inputs)
+        scale = self.accelerator.unwrap_model(model).logit_scale
+        # Evaluation keeps the in-batch loss, so eval_loss stays comparable with the recipe's at any world size.
+        scope = self.loss_scope if model.training else "local"
+        # Item access: under apex O2 the model's outputs come back as a plain dict.
+        loss = clip_loss(out["image_embeds"], out["text_embeds"], scale, scope=scope)
+        return (loss, out) if return_outputs else loss
+
+    def embed(self, model: torch.nn.Module, inputs: dict) -> Any:
+        """The model's outputs for a batch (contrastive accumulation runs it twice per micro-batch)."""
         dropped = inputs.pop("undecodable", None)
         if dropped is not None:
             phase = "train" if model.training else "eval"
@@ -98,18 +109,12 @@ class ClipTrainer(BackendTrainerMixin, Trainer):
                     "every image of a batch failed to decode on the fly (see the warnings above): check the data, "
                     "or use the image cache (the default), which leaves undecodable images out before batching"
                 )
-        out = model(
+        return model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
             pixel_values=self.pixels(inputs["pixel_values"]),
             return_loss=False,
         )
-        scale = self.accelerator.unwrap_model(model).logit_scale
-        # Evaluation keeps the in-batch loss, so eval_loss stays comparable with the recipe's at any world size.
-        scope = self.loss_scope if model.training else "local"
-        # Item access: under apex O2 the model's outputs come back as a plain dict.
-        loss = clip_loss(out["image_embeds"], out["text_embeds"], scale, scope=scope)
-        return (loss, out) if return_outputs else loss
 
     def prediction_step(
         self, model: torch.nn.Module, inputs: dict, prediction_loss_only: bool, ignore_keys: Any = None

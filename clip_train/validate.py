@@ -210,6 +210,8 @@ RULES: list[Rule] = [
     Rule("loss_scale", loss_scale, "a number > 0 (a static scale) or dynamic", "the recipe passes 12800000"),
     Rule("fp16_opt_level", one_of(*OPT_LEVELS), f"one of {', '.join(OPT_LEVELS)}", "the recipe passes O2"),
     Rule("loss_scope", one_of("local", "global"), "local or global", "global for multi-card runs (see README)"),
+    Rule("accumulation_mode", one_of("contrastive", "mean"), "contrastive or mean",
+         "contrastive keeps every micro-batch's negatives (see README)"),
     # reporting and other Trainer options
     Rule("report_to", reporters, "none, all, or installed integrations such as tensorboard", "e.g. --report_to none"),
     Rule("lr_scheduler_kwargs", json_object, 'a JSON object, e.g. \'{"num_cycles": 2}\'', "quote it for the shell"),
