@@ -22,7 +22,7 @@ from transformers import (
     set_seed,
 )
 
-from clip_train import backend, checkpointing, data, loading, outputs
+from clip_train import backend, checkpointing, data, loading, memory, outputs
 from clip_train.args import ArgumentError, parse_args, plan_backend
 from clip_train.coco import DataError
 from clip_train.loss import LogitScaleClamp
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_result = trainer.train(resume_from_checkpoint=resume_from)
         metrics = {**train_result.metrics, **trainer.throughput_metrics(), **skipped["train"]}
         metrics.update(trainer.undecodable("train", "train"))
+        metrics.update(memory.peak_device_memory_metrics(training_args.device))
         metrics["train_samples"] = len(splits["train"].dataset)
         if not metrics["train_timed_steps"]:
             logger.warning(
