@@ -22,7 +22,7 @@ from transformers import (
     set_seed,
 )
 
-from clip_train import backend, checkpointing, data, loading, memory, outputs
+from clip_train import backend, checkpointing, compiling, data, loading, memory, outputs
 from clip_train.args import ArgumentError, parse_args, plan_backend
 from clip_train.coco import DataError
 from clip_train.loss import LogitScaleClamp
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     logger.info(backend.describe(plan))
+    logger.info(compiling.describe(training_args))
     for note in plan.notes:
         logger.warning(note)
     feeding = data.feeding_defaults(

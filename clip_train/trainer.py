@@ -11,6 +11,7 @@ from transformers import Trainer, TrainerCallback
 
 from .apex_amp import BackendTrainerMixin
 from .backend import synchronize
+from .compiling import mark_caption_width_dynamic
 from .data import ClipDataset
 from .evaluation import RetrievalSkipped, retrieval_eval
 from .loss import clip_loss
@@ -56,7 +57,8 @@ class ClipTrainer(BackendTrainerMixin, Trainer):
         self.retrieval, self.pad_id = retrieval, pad_id
         self._clock: dict[str, float] = {}
         self._pixel_buffer: torch.Tensor | None = None
-        self._undecodable: dict[str, int] = {}  # samples left out of batches on the fly, by phase, this rank
+        # Samples left out of batches on the fly, by phase, this rank: device tensors summed without a host sync.
+        self._undecodable: dict[str, Any] = {}
         self.add_callback(_StepClock(self._clock))
 
     # --- loss -------------------------------------------------------------------------------------------------
@@ -85,12 +87,14 @@ class ClipTrainer(BackendTrainerMixin, Trainer):
         dropped = inputs.pop("undecodable", None)
         if dropped is not None:
             phase = "train" if model.training else "eval"
-            self._undecodable[phase] = self._undecodable.get(phase, 0) + int(dropped)
+            self._undecodable[phase] = self._undecodable.get(phase, 0) + dropped
             if inputs["input_ids"].shape[0] == 0:
                 raise RuntimeError(
                     "every image of a batch failed to decode on the fly (see the warnings above): check the data, "
                     "or use the image cache (the default), which leaves undecodable images out before batching"
                 )
+        if self.args.torch_compile:
+            mark_caption_width_dynamic(inputs)  # one graph for every per-batch caption width
         out = model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
@@ -152,7 +156,7 @@ class ClipTrainer(BackendTrainerMixin, Trainer):
         """Samples whose image failed to decode on the fly and were left out of their batch (every rank, every time
         one was drawn), as ``{prefix}_skipped_undecodable_samples``; empty when there were none. Collective: every
         rank calls it."""
-        count = torch.tensor(self._undecodable.get(phase, 0), device=self.args.device)
+        count = torch.as_tensor(self._undecodable.get(phase, 0), device=self.args.device).clone()
         if self.args.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(count)
         total = int(count)
