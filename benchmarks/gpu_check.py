@@ -199,60 +199,6 @@ def grid(precisions: list[str], batches: list[int], modes: list[str], steps: int
     return sorted(cells, key=rank)
 
 
-# --- the profile (a child process) ------------------------------------------------------------------------------
-def profile_child(out_file: str, start: int, count: int, argv: list[str]) -> int:
-    """run_clip.py with a callback that profiles optimizer steps [start, start + count) and writes the tables."""
-    import torch
-    from transformers import TrainerCallback
-
-    import run_clip
-    from clip_train.backend import synchronize
-
-    class Profile(TrainerCallback):
-        prof = None
-
-        def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-            if state.global_step == start and self.prof is None:
-                kinds = [torch.profiler.ProfilerActivity.CPU]
-                if torch.cuda.is_available() and args.device.type == "cuda":
-                    kinds.append(torch.profiler.ProfilerActivity.CUDA)
-                self.prof = torch.profiler.profile(activities=kinds)
-                self.prof.__enter__()
-
-        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-            if self.prof is not None and state.global_step == start + count:
-                synchronize(args.device)
-                self.prof.__exit__(None, None, None)
-                write_profile(self.prof, out_file, f"steps {start + 1}-{start + count} of: {' '.join(argv)}")
-                self.prof = None
-
-    class Profiled(run_clip.ClipTrainer):
-        def __init__(self, *a, **k) -> None:  # noqa: ANN002, ANN003
-            super().__init__(*a, **k)
-            self.add_callback(Profile())
-
-    run_clip.ClipTrainer = Profiled
-    return run_clip.cli(argv)
-
-
-def write_profile(prof: object, out_file: str, title: str) -> None:
-    events = prof.key_averages()
-    device = any(getattr(e, "device_time_total", 0) for e in events)
-    with open(out_file, "w") as f:
-        f.write(f"torch.profiler, {title}\n\n")
-        for sort in (["device_time_total", "cuda_time_total"] if device else []) + ["cpu_time_total"]:
-            try:
-                f.write(
-                    f"top 25 by {sort}:\n{events.table(sort_by=sort, row_limit=25, max_name_column_width=60)}\n"
-                )
-                break
-            except (KeyError, AttributeError, RuntimeError):
-                continue
-        f.write(
-            f"top 15 by self_cpu_time_total:\n{events.table(sort_by='self_cpu_time_total', row_limit=15)}\n"
-        )
-
-
 # --- the table --------------------------------------------------------------------------------------------------
 def fmt(x: float | None, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
@@ -305,11 +251,6 @@ def describe(device: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == [
-        "--profile-child"
-    ]:  # internal: python gpu_check.py --profile-child FILE START COUNT -- ARGS
-        return profile_child(argv[1], int(argv[2]), int(argv[3]), argv[5:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder for gpu_check.md, gpu_check.json, profile.txt")
     p.add_argument("--root", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "clip_gpu_check"),
@@ -383,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         out = os.path.join(a.root, "runs", "profile")
         shutil.rmtree(out, ignore_errors=True)
         prof_file = os.path.join(a.out, "profile.txt")
-        cmd = [sys.executable, os.path.abspath(__file__), "--profile-child", prof_file, str(best["skip"] + 1),
+        cmd = [sys.executable, os.path.join(HERE, "profile_run.py"), prof_file, str(best["skip"] + 1),
                str(prof_steps), "--", *run_args(paths, out, {**cell, "eval": False}, a.workers)]  # fmt: skip
         if left >= 15:
             status, seconds = run_one(cmd, os.path.join(a.root, "logs", "profile.log"), left, env)
