@@ -5,8 +5,8 @@ batch is padded to its own longest caption (a multiple of 8), so the text tower 
 steps. Left alone, dynamo compiles the first width statically, recompiles once the width changes, and only
 then treats the width as dynamic ("automatic dynamic shapes"). We mark the caption width dynamic from the
 first batch instead (``mark_caption_width_dynamic``): one graph for training, whatever the widths.
-Alternatively (``--compile_width_buckets``) the collator pads to a few fixed widths, one static graph each
-(``bucket_width``): measured in benchmarks/README.md ("Compiling").
+Padding to a few fixed widths (``bucket_width``, used by benchmarks/bench_step.py --compile buckets) was measured
+too and saved no compilation (benchmarks/README.md, "Compiling"), so the collator does not bucket.
 
 Everything outside the model's forward stays eager: the loss (a few small ops), the optimizer (fused AdamW), and
 retrieval (``get_image_features``/``get_text_features`` on the plain module; each runs once per evaluation).
@@ -47,16 +47,12 @@ def compilations() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def describe(args: Any, buckets: bool = False) -> str:
+def describe(args: Any) -> str:
     """The start-up line: what runs compiled and what runs eager."""
     if not getattr(args, "torch_compile", False):
         return "compile: off (eager); --torch_compile True compiles the model's forward"
-    widths = (
-        f"captions padded to the widths {', '.join(map(str, BUCKETS))} (one static graph each)"
-        if buckets
-        else "caption width marked dynamic (one graph for every width)"
-    )
     return (
         f"compile: model forward (train and eval loss) with torch.compile(backend={args.torch_compile_backend}, "
-        f"mode={args.torch_compile_mode or 'default'}), {widths}; eager: loss, optimizer, retrieval"
+        f"mode={args.torch_compile_mode or 'default'}), caption width marked dynamic (one graph for every width); "
+        "eager: loss, optimizer, retrieval"
     )
