@@ -22,7 +22,17 @@ from transformers import (
     set_seed,
 )
 
-from clip_train import backend, checkpointing, data, device_settings, loading, outputs, shard_input
+from clip_train import (
+    backend,
+    checkpointing,
+    compiling,
+    data,
+    device_settings,
+    loading,
+    memory,
+    outputs,
+    shard_input,
+)
 from clip_train.accumulation import describe as describe_accumulation
 from clip_train.args import ArgumentError, parse_args, plan_backend
 from clip_train.coco import DataError
@@ -58,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
     logger.info(backend.describe(plan))
+    logger.info(compiling.describe(training_args))
     for note in plan.notes:
         logger.warning(note)
     feeding = data.feeding_defaults(
@@ -165,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics = {**train_result.metrics, **trainer.throughput_metrics(), **skipped["train"]}
         metrics.update(trainer.undecodable("train", "train"))
         metrics.update(trainer.backend_metrics("train"))
+        metrics.update(memory.peak_device_memory_metrics(training_args.device))
         metrics["train_samples"] = len(splits["train"].dataset)
         if not metrics["train_timed_steps"]:
             logger.warning(

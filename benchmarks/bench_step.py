@@ -64,16 +64,27 @@ def peak_memory_gb(device: str) -> float:
 
 
 def time_steps(
-    model_dir: str, widths: list[int], batch: int, steps: int, warmup: int, device: str, precision: str
-) -> tuple[float, float]:
-    """(mean seconds of a training step over ``steps`` steps cycling through the caption ``widths``, peak GB).
+    model_dir: str,
+    widths: list[int],
+    batch: int,
+    steps: int,
+    warmup: int,
+    device: str,
+    precision: str,
+    compile_mode: str = "none",
+) -> tuple[float, float, int, int]:
+    """(mean seconds of a training step over ``steps`` steps cycling through the caption ``widths``, peak GB,
+    compilations during warm-up, compilations during the timed steps).
 
     As run_clip.py trains: uint8 images normalised on the device, the contrastive loss, AdamW; bf16/fp16 under
-    autocast (fp16 with a dynamic loss scale).
+    autocast (fp16 with a dynamic loss scale). ``compile_mode`` (see COMPILE_MODES): the forward eager, or
+    torch.compile'd with dynamo's automatic dynamic shapes, with the caption width marked dynamic, or with the
+    widths padded up to clip_train.compile's buckets.
     """
     import torch
     from transformers import VisionTextDualEncoderModel
 
+    from clip_train import compiling as clip_compile
     from clip_train.backend import synchronize
     from clip_train.loss import clip_loss
     from clip_train.trainer import normalize_pixels
@@ -90,11 +101,20 @@ def time_steps(
     pixels = torch.empty(batch, 3, size, size, device=device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device) if precision == "fp16" else None
+    forward = model if compile_mode == "none" else torch.compile(model)
 
     def step(width: int) -> None:
-        ids = torch.randint(3, vocab, (batch, width), device=device)
+        if compile_mode == "buckets":
+            width = clip_compile.bucket_width(width, 128)
+        # Real padding: each caption as long as the collator could have made it, the longest filling the width.
+        lengths = torch.randint(min(8, width), width + 1, (batch,), device=device)
+        lengths[0] = width
+        mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
+        ids = torch.randint(3, vocab, (batch, width), device=device).masked_fill(mask == 0, 1)
+        if compile_mode == "dynamic":
+            clip_compile.mark_caption_width_dynamic({"input_ids": ids, "attention_mask": mask})
         with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+            out = forward(input_ids=ids, attention_mask=mask,
                         pixel_values=normalize_pixels(images, mean, std, out=pixels), return_loss=False)  # fmt: skip
             loss = clip_loss(out["image_embeds"], out["text_embeds"], model.logit_scale)
         if scaler is None:
@@ -109,11 +129,47 @@ def time_steps(
     for i in range(warmup):
         step(widths[i % len(widths)])
     synchronize(device)
+    warm_compiles = clip_compile.compilations()
     start = time.perf_counter()
     for i in range(steps):
-        step(widths[i % len(widths)])
+        step(widths[(warmup + i) % len(widths)])
     synchronize(device)
-    return (time.perf_counter() - start) / steps, peak_memory_gb(device)
+    seconds = (time.perf_counter() - start) / steps
+    return seconds, peak_memory_gb(device), warm_compiles, clip_compile.compilations() - warm_compiles
+
+
+COMPILE_MODES = ("none", "auto", "dynamic", "buckets")
+
+
+def child(a: argparse.Namespace, threads: str, widths: list[int], mode: str = "none") -> list[float]:
+    """Run one timing in a fresh process (torch's thread pool and dynamo's caches start clean)."""
+    cmd = [sys.executable, __file__, "--root", a.root, "--model", a.model, "--steps", str(a.steps),
+           "--warmup", str(a.warmup), "--batch", str(a.batch), "--device", a.device, "--precision", a.precision,
+           "--compile-mode", mode, "--one", threads, ",".join(map(str, widths))]  # fmt: skip
+    run = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": threads}, capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.exit(f"bench_step.py: the timing {mode} {widths[:3]}... failed:\n{run.stderr[-3000:]}")
+    return [float(x) for x in run.stdout.split()[-4:]]
+
+
+def compare_compile(a: argparse.Namespace, widths: list[int]) -> int:
+    """Step time with the fast path's widths: eager vs torch.compile (automatic dynamic / width marked dynamic /
+    bucketed widths), with the compilations during warm-up and during the timed steps."""
+    import bench_input
+
+    print("\n| model | device, precision, batch | torch threads | compile | step (ms) | vs eager | "
+          "compilations warm-up / timed | peak memory (GB) | load 1-min |")  # fmt: skip
+    print("|---|---|---:|---|---:|---:|---|---:|---|")
+    for threads in a.threads.split(","):
+        eager = None
+        for mode in a.compile.split(","):
+            before = bench_input.load()
+            seconds, peak, warm, timed = child(a, threads, widths, mode)
+            eager = seconds if mode == "none" else eager
+            ratio = f"{eager / seconds:.2f}x" if eager else "-"
+            print(f"| {a.model} | {a.device}, {a.precision}, {a.batch} | {threads} | {mode} | {1000 * seconds:.1f} | "
+                  f"{ratio} | {warm:.0f} / {timed:.0f} | {peak:.2f} | {before} -> {bench_input.load()} |", flush=True)  # fmt: skip
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "npu"], default="auto",
                    help="where to train (auto: an NPU, else a GPU, else the CPU)")  # fmt: skip
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype")
+    p.add_argument("--compile", metavar="MODES",
+                   help=f"compare compile modes instead (comma list of {','.join(COMPILE_MODES)}), fast widths only")  # fmt: skip
+    p.add_argument(
+        "--compile-mode", default="none", choices=COMPILE_MODES, help=argparse.SUPPRESS
+    )  # a child's
     p.add_argument("--one", nargs=2, metavar=("THREADS", "WIDTHS"), help=argparse.SUPPRESS)  # a child run
     a = p.parse_args(argv)
 
@@ -145,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(int(a.one[0]))
         widths = [int(w) for w in a.one[1].split(",")]
-        seconds, peak = time_steps(model_dir, widths, a.batch, a.steps, a.warmup, a.device, a.precision)
-        print(seconds, peak)
+        timed = time_steps(
+            model_dir, widths, a.batch, a.steps, a.warmup, a.device, a.precision, a.compile_mode
+        )
+        print(*timed)
         return 0
 
     widths = caption_widths(paths["coco"], model_dir, 200, a.batch)
@@ -154,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {bench_input.describe_machine()}")
     print("fast path caption widths over 200 random batches: "
           + ", ".join(f"{w} tokens {s:.0%}" for w, s in share.items()))  # fmt: skip
+    if a.compile:
+        return compare_compile(a, widths)
     print("\n| model | device, precision, batch | torch threads | step, fast widths (ms) | step, 128 tokens (ms) "
           "| ceiling | peak memory, fast / 128 (GB) | load 1-min |")  # fmt: skip
     print("|---|---|---:|---:|---:|---:|---|---|")
@@ -161,14 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         before = bench_input.load()
         timed, peak = {}, {}
         for name, ws in (("fast", widths), ("reference", [128])):
-            cmd = [sys.executable, __file__, "--root", a.root, "--model", a.model, "--steps", str(a.steps),
-                   "--warmup", str(a.warmup), "--batch", str(a.batch), "--device", a.device,
-                   "--precision", a.precision, "--one", threads, ",".join(map(str, ws))]  # fmt: skip
-            env = {**os.environ, "OMP_NUM_THREADS": threads}
-            run = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if run.returncode != 0:
-                sys.exit(f"bench_step.py: the {name} timing failed:\n{run.stderr[-3000:]}")
-            timed[name], peak[name] = (float(x) for x in run.stdout.split()[-2:])
+            timed[name], peak[name] = child(a, threads, ws)[:2]
         ceiling = timed["reference"] / timed["fast"]
         print(f"| {a.model} | {a.device}, {a.precision}, {a.batch} | {threads} | {1000 * timed['fast']:.1f} | "
               f"{1000 * timed['reference']:.1f} | {ceiling:.2f}x | {peak['fast']:.2f} / {peak['reference']:.2f} | "

@@ -12,6 +12,7 @@ from transformers import Trainer, TrainerCallback
 from .accumulation import ContrastiveAccumulationMixin
 from .apex_amp import BackendTrainerMixin
 from .backend import synchronize
+from .compiling import mark_caption_width_dynamic
 from .data import ClipDataset
 from .evaluation import RetrievalSkipped, retrieval_eval
 from .loss import clip_loss
@@ -57,7 +58,8 @@ class ClipTrainer(BackendTrainerMixin, ContrastiveAccumulationMixin, Trainer):
         self.retrieval, self.pad_id = retrieval, pad_id
         self._clock: dict[str, float] = {}
         self._pixel_buffer: torch.Tensor | None = None
-        self._undecodable: dict[str, int] = {}  # samples left out of batches on the fly, by phase, this rank
+        # Samples left out of batches on the fly, by phase, this rank: device tensors summed without a host sync.
+        self._undecodable: dict[str, Any] = {}
         self.add_callback(_StepClock(self._clock))
         if hasattr(self.train_dataset, "make_loader"):  # streamed shards save their progress with checkpoints
             self.add_callback(self.train_dataset.callback())
@@ -103,12 +105,14 @@ class ClipTrainer(BackendTrainerMixin, ContrastiveAccumulationMixin, Trainer):
         dropped = inputs.pop("undecodable", None)
         if dropped is not None:
             phase = "train" if model.training else "eval"
-            self._undecodable[phase] = self._undecodable.get(phase, 0) + int(dropped)
+            self._undecodable[phase] = self._undecodable.get(phase, 0) + dropped
             if inputs["input_ids"].shape[0] == 0:
                 raise RuntimeError(
                     "every image of a batch failed to decode on the fly (see the warnings above): check the data, "
                     "or use the image cache (the default), which leaves undecodable images out before batching"
                 )
+        if self.args.torch_compile:
+            mark_caption_width_dynamic(inputs)  # one graph for every per-batch caption width
         return model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
@@ -167,7 +171,10 @@ class ClipTrainer(BackendTrainerMixin, ContrastiveAccumulationMixin, Trainer):
         counts = {"undecodable_samples": self._undecodable.get(phase, 0)}
         if phase == "train" and hasattr(self.train_dataset, "skip_counts"):  # streamed shards' skips
             counts.update(self.train_dataset.skip_counts())
-        values = torch.tensor(list(counts.values()), device=self.args.device)
+        # The undecodable count may be a device tensor (summed without a per-step sync): stack, do not rebuild.
+        values = torch.stack(
+            [torch.as_tensor(v, device=self.args.device).reshape(()) for v in counts.values()]
+        )
         if self.args.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.all_reduce(values)
         return {f"{prefix}_skipped_{k}": int(v) for k, v in zip(counts, values.tolist(), strict=True) if v}

@@ -1,0 +1,367 @@
+#!/usr/bin/env python3
+"""The one prepared accelerator check: run_clip.py's real input path, eager vs compiled, bf16 vs fp16, two batches.
+
+    python3 benchmarks/gpu_check.py --out $OUT                       # a GPU host: full-size shapes, ~9 minutes
+    python3 benchmarks/gpu_check.py --tiny --device cpu --out /tmp/gc  # tiny shapes on CPU, about a minute
+
+1. Builds (once, under --root) a demo-format COCO folder of 224-px JPEGs with COCO-like caption lengths and a
+   random-init clip-roberta: full-size (ViT-B/32 + roberta-base shapes, bench_input.py's) or tiny; then the
+   decoded-image cache with every core, so every run starts with the cache warm.
+2. Trains each configuration with run_clip.py in its own subprocess (its own timeout; a failure is recorded with
+   its last log lines and the check goes on): the recipe's command line with per-batch caption padding,
+   ``--max_steps skip+steps --skip_steps skip`` so compilation and warm-up are not timed. The eager runs at the
+   smallest batch also evaluate (in-batch loss + retrieval): the precision cells (bf16, and the recipe's fp16
+   flags) must go train -> eval -> exit 0.
+3. Profiles a few steps of the fastest configuration with torch.profiler (top 25 ops by device time).
+4. Writes gpu_check.md (the table, the machine, failures), gpu_check.json and profile.txt to --out and prints the
+   table. ``--budget_s`` bounds the whole check: configurations that no longer fit are marked skipped.
+
+MFU: forward FLOPs per sample of both towers (matmuls + attention at the mean padded caption width of the batch
+size, measured on these captions with the collator), x3 for forward + backward, over --peak_tflops (990: H200
+dense bf16/fp16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
+
+OUT_FILES = ("gpu_check.md", "gpu_check.json", "profile.txt")
+RESERVE_S = 20  # kept back from the budget for the table
+
+
+# --- data and model ---------------------------------------------------------------------------------------------
+def prepare(root: str, n_train: int, n_val: int, model: str) -> dict[str, str]:
+    """The COCO folder, the model (tiny or full-size) and a warm image cache under ``root`` (made once per size)."""
+    import bench_input
+
+    from clip_train import demo, images
+    from clip_train.coco import load_coco_split
+    from clip_train.data import available_cpus, image_table
+
+    tag = f"{n_train}-{n_val}-{model}"
+    base = os.path.join(root, tag)
+    paths = {"coco": os.path.join(base, "coco"), "model": os.path.join(base, "model"),
+             "cache": os.path.join(base, "cache")}  # fmt: skip
+    if os.path.isfile(os.path.join(base, "READY")):
+        return paths
+    shutil.rmtree(base, ignore_errors=True)
+    os.makedirs(base)
+    t = time.perf_counter()
+    captions = demo.write_coco(paths["coco"], n_train, n_val, image_size=(bench_input.IMAGE_SIZE,) * 2)
+    _, text_dir = demo.write_tiny_towers(os.path.join(base, "towers"), captions)  # for its tokenizer
+    shapes = bench_input.TINY if model == "tiny" else bench_input.FULL
+    bench_input.random_model(paths["model"], text_dir, **shapes)
+    bench_input.lengthen_captions(paths["coco"], text_dir)
+    for split in ("train", "validation"):
+        unique, _ = image_table(load_coco_split(paths["coco"], split).columns["image_path"])
+        images.build_cache(unique, bench_input.IMAGE_SIZE, paths["cache"], workers=min(32, available_cpus()))
+    with open(os.path.join(base, "READY"), "w") as f:
+        f.write("ok\n")
+    print(f"data + model + image cache built in {time.perf_counter() - t:.0f} s under {base}", flush=True)
+    return paths
+
+
+# --- FLOPs ------------------------------------------------------------------------------------------------------
+def _encoder_flops(tokens: float, layers: int, hidden: int, ffn: int) -> float:
+    """Forward FLOPs of a pre/post-LN transformer encoder on one sequence: QKV/out + MLP matmuls + attention."""
+    per_token = 2 * (4 * hidden * hidden + 2 * hidden * ffn) + 4 * tokens * hidden
+    return tokens * layers * per_token
+
+
+def flops_per_sample(config: object, width: float) -> float:
+    """Training FLOPs (forward x3) of one image-caption pair for a VisionTextDualEncoder config."""
+    v, t = config.vision_config, config.text_config
+    patches = (v.image_size // v.patch_size) ** 2
+    vision = _encoder_flops(patches + 1, v.num_hidden_layers, v.hidden_size, v.intermediate_size)
+    vision += 2 * patches * 3 * v.patch_size**2 * v.hidden_size + 2 * v.hidden_size * config.projection_dim
+    text = _encoder_flops(width, t.num_hidden_layers, t.hidden_size, t.intermediate_size)
+    text += (
+        2 * t.hidden_size * t.hidden_size + 2 * t.hidden_size * config.projection_dim
+    )  # pooler + projection
+    return 3 * (vision + text)
+
+
+def mean_widths(coco: str, model_dir: str, batches: list[int]) -> dict[int, float]:
+    from bench_step import caption_widths
+
+    return {b: sum(w := caption_widths(coco, model_dir, 50, b)) / len(w) for b in batches}
+
+
+# --- one configuration ------------------------------------------------------------------------------------------
+def set_flag(args: list[str], name: str, value: str | None) -> list[str]:
+    """``args`` with ``--name value`` (or ``--name=value``) replaced, added, or removed (value None)."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a == f"--{name}":
+            i += 2
+            continue
+        if not a.startswith(f"--{name}="):
+            out.append(a)
+        i += 1
+    return out if value is None else [*out, f"--{name}", value]
+
+
+def run_args(paths: dict, out: str, cell: dict, workers: int | None) -> list[str]:
+    """The recipe's command line (demo.recipe_args) for one cell of the grid."""
+    from clip_train import demo
+
+    args = demo.recipe_args(paths["coco"], paths["model"], out)
+    if not cell["eval"]:
+        args.remove("--do_eval")
+    if cell["precision"] == "bf16":
+        args[args.index("--fp16")] = "--bf16"  # the recipe's other fp16 flags then only log a note
+    args = set_flag(args, "dataloader_num_workers", None if workers is None else str(workers))
+    for name, value in (
+        ("per_device_train_batch_size", cell["batch"]), ("per_device_eval_batch_size", cell["batch"]),
+        ("max_steps", cell["skip"] + cell["steps"]), ("skip_steps", cell["skip"]),
+        ("logging_steps", max(10, cell["steps"] // 4)), ("save_strategy", "no"), ("report_to", "none"),
+        ("image_cache_dir", paths["cache"]), ("torch_compile", str(cell["compiled"])),
+    ):  # fmt: skip
+        args = set_flag(args, name, str(value))
+    return args
+
+
+def run_one(cmd: list[str], log_path: str, timeout: float, env: dict[str, str]) -> tuple[str, float]:
+    """Run ``cmd`` (its whole process group killed at ``timeout``); returns (status, seconds)."""
+    t = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        try:
+            rc = proc.wait(timeout=max(1.0, timeout))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the loader workers too
+            proc.wait()
+            return f"timeout ({timeout:.0f} s)", time.perf_counter() - t
+    return ("ok" if rc == 0 else f"failed (rc {rc})"), time.perf_counter() - t
+
+
+def tail(path: str, lines: int = 12) -> list[str]:
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read().replace("\r", "\n")
+    except OSError:
+        return []
+    return [x for x in text.splitlines() if x.strip()][-lines:]
+
+
+def train_cell(paths: dict, cell: dict, root: str, timeout: float, env: dict, workers: int | None) -> dict:
+    out = os.path.join(root, "runs", cell["name"])
+    shutil.rmtree(out, ignore_errors=True)
+    log_path = os.path.join(root, "logs", cell["name"] + ".log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    cmd = [sys.executable, "run_clip.py", *run_args(paths, out, cell, workers)]
+    status, seconds = run_one(cmd, log_path, timeout, env)
+    row = {**cell, "status": status, "wall_s": round(seconds, 1), "log": log_path}
+    try:
+        with open(os.path.join(out, "all_results.json")) as f:
+            row["results"] = json.load(f)
+    except (OSError, ValueError):
+        row["results"] = {}
+    if status == "ok" and not row["results"].get("train_timed_steps"):
+        row["status"] = "failed (no timed steps)"
+    if row["status"] != "ok":
+        row["tail"] = tail(log_path)
+    shutil.rmtree(out, ignore_errors=True)  # a full-size model is ~0.8 GB a run
+    return row
+
+
+# --- the grid ---------------------------------------------------------------------------------------------------
+def grid(precisions: list[str], batches: list[int], modes: list[str], steps: int, skip: dict) -> list[dict]:
+    """Every cell, most important first: the target (first precision, largest batch, eager then compiled), the
+    precision cells (eager, smallest batch, with evaluation), then the rest."""
+    cells = []
+    for p in precisions:
+        for b in batches:
+            for m in modes:
+                compiled = m == "compiled"
+                cells.append({"name": f"{p}-b{b}-{m}", "precision": p, "batch": b, "compiled": compiled,
+                              "eval": not compiled and b == min(batches), "steps": steps, "skip": skip[m]})  # fmt: skip
+
+    def rank(c: dict) -> tuple:
+        target = c["precision"] == precisions[0] and c["batch"] == max(batches)
+        return (0 if target else 1 if c["eval"] else 2, c["compiled"], precisions.index(c["precision"]))
+
+    return sorted(cells, key=rank)
+
+
+# --- the table --------------------------------------------------------------------------------------------------
+def fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def table(
+    rows: list[dict], widths: dict[int, float], flops: dict[int, float], peak_tflops: float | None
+) -> str:
+    head = ("| config | precision | batch | mode | status | samples/s | step ms | MFU | peak device GB | "
+            "caption width | train loss | eval loss | R@1 i2t / t2i | wall s |")  # fmt: skip
+    lines = [head, "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for r in rows:
+        res = r.get("results", {})
+        fps = res.get("train_samples_per_second") if r["status"] == "ok" else None
+        mfu = fps * flops[r["batch"]] / (peak_tflops * 1e12) if fps and peak_tflops else None
+        i2t, t2i = res.get("eval_image_to_text_R@1"), res.get("eval_text_to_image_R@1")
+        recall = f"{i2t:.1f} / {t2i:.1f}" if i2t is not None and t2i is not None else "-"
+        lines.append(
+            f"| {r['name']} | {r['precision']} | {r['batch']} | {'compiled' if r['compiled'] else 'eager'} | "
+            f"{r['status']} | {fmt(fps)} | {fmt(1000 * r['batch'] / fps if fps else None)} | "
+            f"{fmt(100 * mfu if mfu else None, '.1f')}{'%' if mfu else ''} | "
+            f"{fmt(res.get('train_peak_device_memory_gb'), '.2f')} | {widths[r['batch']]:.1f} | "
+            f"{fmt(res.get('train_loss'), '.4f')} | {fmt(res.get('eval_loss'), '.4f')} | {recall} | "
+            f"{r.get('wall_s', '-')} |"
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
+def describe(device: str) -> str:
+    """GPU, CPU, memory and versions (no psutil: a fresh GPU host may lack it)."""
+    import platform
+
+    import torch
+    import transformers
+
+    cpu, mem = platform.machine(), 0.0
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")), cpu)
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) / 2**20
+    except OSError:
+        pass
+    text = (f"{cpu}, {os.cpu_count()} CPUs, {mem:.0f} GiB RAM, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, Python {platform.python_version()}")  # fmt: skip
+    if device == "cuda" and torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        text = f"{p.name} ({p.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}; " + text
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for gpu_check.md, gpu_check.json, profile.txt")
+    p.add_argument("--root", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "clip_gpu_check"),
+                   help="data, model, caches, run logs (made once, reused)")  # fmt: skip
+    p.add_argument("--tiny", action="store_true", help="tiny shapes, small data, a short grid (CPU, CI)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--budget_s", type=float, default=540, help="the whole check stays within this")
+    p.add_argument("--config_timeout_s", type=float, default=240, help="the most one configuration may take")
+    p.add_argument("--steps", type=int, help="timed steps per configuration (default 200; tiny 6)")
+    p.add_argument("--images", type=int, help="train images, 5 captions each (default 6000; tiny 120)")
+    p.add_argument("--precisions", help="comma list of bf16,fp16 (default both; fp16 = the recipe's flags)")
+    p.add_argument("--batches", help="comma list (default 256,64; tiny 16)")
+    p.add_argument(
+        "--modes",
+        help="comma list of eager,compiled (default both; tiny: eager, since compiling takes "
+        "minutes on a small CPU)",
+    )
+    p.add_argument(
+        "--workers", type=int, help="loader workers (default: run_clip.py's choice for the device)"
+    )
+    p.add_argument(
+        "--peak_tflops", type=float, help="device peak for MFU (default 990 on CUDA: H200 bf16 dense)"
+    )
+    p.add_argument("--no_profile", action="store_true")
+    a = p.parse_args(argv)
+    started = time.perf_counter()
+    os.makedirs(a.out, exist_ok=True)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    if a.device == "auto":
+        import torch
+
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    peak = a.peak_tflops or (990.0 if a.device == "cuda" else None)
+    steps = a.steps or (6 if a.tiny else 200)
+    skip = {"eager": 2 if a.tiny else 10, "compiled": 3 if a.tiny else 30}
+    batches = [int(b) for b in (a.batches or ("16" if a.tiny else "256,64")).split(",")]
+    precisions = (a.precisions or "bf16,fp16").split(",")
+    modes = (a.modes or ("eager" if a.tiny else "eager,compiled")).split(",")
+    model = "tiny" if a.tiny else "full-size"
+    paths = prepare(a.root, a.images or (120 if a.tiny else 6000), 40 if a.tiny else 500, model)
+    widths = mean_widths(paths["coco"], paths["model"], batches)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(paths["model"])
+    flops = {b: flops_per_sample(config, w) for b, w in widths.items()}
+    machine = describe(a.device)
+    print(f"machine: {machine}\nmodel: {model}, train FLOPs/sample: "
+          + ", ".join(f"b{b} {f / 1e9:.1f} G (width {widths[b]:.1f})" for b, f in flops.items()), flush=True)  # fmt: skip
+
+    rows = []
+    for cell in grid(precisions, batches, modes, steps, skip):
+        left = a.budget_s - (time.perf_counter() - started) - RESERVE_S
+        if left < 15:
+            rows.append({**cell, "status": "skipped (budget)", "results": {}})
+            continue
+        row = train_cell(paths, cell, a.root, min(a.config_timeout_s, left), env, a.workers)
+        rows.append(row)
+        fps = row["results"].get("train_samples_per_second")
+        print(f"{cell['name']}: {row['status']}, {fmt(fps if row['status'] == 'ok' else None)} samples/s, "
+              f"{row['wall_s']} s", flush=True)  # fmt: skip
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    profile_note = "no profile (--no_profile)" if a.no_profile else "no profile: no configuration succeeded"
+    if ok and not a.no_profile:
+        best = max(ok, key=lambda r: r["results"]["train_samples_per_second"])
+        left = a.budget_s - (time.perf_counter() - started) - RESERVE_S
+        prof_steps = 3 if a.tiny else 5
+        cell = {**best, "name": "profile", "steps": prof_steps + 2}
+        out = os.path.join(a.root, "runs", "profile")
+        shutil.rmtree(out, ignore_errors=True)
+        prof_file = os.path.join(a.out, "profile.txt")
+        cmd = [sys.executable, os.path.join(HERE, "profile_run.py"), prof_file, str(best["skip"] + 1),
+               str(prof_steps), "--", *run_args(paths, out, {**cell, "eval": False}, a.workers)]  # fmt: skip
+        if left >= 15:
+            status, seconds = run_one(cmd, os.path.join(a.root, "logs", "profile.log"), left, env)
+            profile_note = (
+                f"profile of {best['name']} ({prof_steps} steps): {status}, {seconds:.0f} s -> profile.txt"
+            )
+        else:
+            profile_note = "no profile: out of budget"
+        shutil.rmtree(out, ignore_errors=True)
+
+    md = table(rows, widths, flops, peak)
+    notes = [
+        f"machine: {machine}",
+        f"model: {model} random init; data: {a.images or (120 if a.tiny else 6000)} train images (224 px, 5 "
+        f"captions each, COCO-like lengths), image cache warm; per-batch caption padding (multiple of 8)",
+        f"timed: {steps} steps after {skip['eager']} (eager) / {skip['compiled']} (compiled) untimed ones; "
+        f"samples/s = run_clip.py's train_samples_per_second; peak = torch.cuda.max_memory_allocated",
+        "MFU: "
+        + (f"train FLOPs/sample x samples/s / {peak:g} TFLOP/s" if peak else "- (no device peak on CPU)"),
+        profile_note,
+        f"total {time.perf_counter() - started:.0f} s of --budget_s {a.budget_s:g}",
+    ]
+    failures = [
+        f"### {r['name']}: {r['status']}\n```\n" + "\n".join(r["tail"]) + "\n```"
+        for r in rows
+        if r.get("tail")
+    ]
+    report = "# gpu_check\n\n" + md + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    if failures:
+        report += "\n## Failures (last log lines)\n\n" + "\n\n".join(failures) + "\n"
+    with open(os.path.join(a.out, "gpu_check.md"), "w") as f:
+        f.write(report)
+    with open(os.path.join(a.out, "gpu_check.json"), "w") as f:
+        json.dump({"rows": rows, "widths": widths, "flops_per_sample": flops, "notes": notes}, f, indent=1)
+    print("\n" + report, flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
