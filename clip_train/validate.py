@@ -163,6 +163,22 @@ def _training(a: Any) -> bool:
     return bool(a.do_train)
 
 
+def shards(v: Any, a: Any) -> str | None:
+    """A shard pattern whose local shards all exist (remote URLs are opened when read)."""
+    if v is None:
+        return None
+    from webdataset.shardlists import expand_urls
+
+    try:
+        urls = [u for u in expand_urls(v) if u]
+    except (ValueError, IndexError) as e:
+        return f"not a shard pattern ({e})"
+    missing = [u for u in urls if "://" not in u and not os.path.isfile(u)]
+    if not urls:
+        return "it names no shard"
+    return f"{len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}" if missing else None
+
+
 # --- the rules: one line each ----------------------------------------------------------------------------------------
 COCO = "the COCO 2017 folder (the zips or their extracted folders)"
 RULES: list[Rule] = [
@@ -174,6 +190,8 @@ RULES: list[Rule] = [
     Rule("train_file", table_file, "a .csv or .json/.jsonl file with the image and caption columns", "fix the file or the path"),
     Rule("validation_file", table_file, "a .csv or .json/.jsonl file with the image and caption columns", "fix the file or the path"),
     Rule("test_file", table_file, "a .csv or .json/.jsonl file with the image and caption columns", "fix the file or the path"),
+    Rule("train_shards", shards, "tar shards: a path or brace pattern, several joined with ::", "e.g. /data/cc3m/{00000..00331}.tar"),
+    Rule("validation_shards", shards, "tar shards: a path or brace pattern, several joined with ::", "e.g. /data/val/{0000..0009}.tar"),
     Rule("output_dir", creatable_folder, "a folder that exists or can be created, writable", "choose another folder"),
     Rule("image_cache_dir", creatable_folder, "a folder that exists or can be created, writable", "choose another folder, or leave it out"),
     Rule("cache_dir", creatable_folder, "a folder that exists or can be created, writable", "choose another folder, or leave it out"),
@@ -194,6 +212,8 @@ RULES: list[Rule] = [
     Rule("max_eval_samples", whole(1), "a whole number of rows >= 1", "leave it out to use every row"),
     Rule("max_steps", steps_or_minus_one, "a number of steps >= 1, or -1 to train --num_train_epochs", "0 trains nothing"),
     Rule("num_train_epochs", when(lambda a: a.do_train and a.max_steps < 1, number(0, above=True)), "a number of epochs > 0", "e.g. 3, the recipe's"),
+    Rule("train_num_samples", whole(1), "a whole number of samples >= 1 (the epoch length)", "or leave it out to read sizes.json next to the shards"),
+    Rule("shuffle_buffer", whole(0), "a whole number of samples >= 0", "e.g. 1000; 0 turns the sample shuffle off"),
     Rule("skip_steps", whole(0), "a whole number of steps >= 0 left out of the FPS", "e.g. 10, the recipe's, or 0"),
     Rule("seed", whole(0, 2**32 - 1), "a whole number in [0, 2**32 - 1]", "e.g. 42"),
     Rule("device_id", whole(0), "a card number >= 0", "e.g. 0"),
