@@ -56,3 +56,32 @@ def standins(monkeypatch):
     standins.install(monkeypatch)
     yield
     standins.uninstall()
+
+
+def spawn_ranks(argv: list[str], world: int = 2, env: dict | None = None, timeout: int = 240) -> list[str]:
+    """Run ``python argv`` as ``world`` gloo ranks (torch.distributed's env:// variables, a free loopback port,
+    no GPU, one thread each); asserts every rank exits 0 and returns their outputs."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        rank_env = {
+            **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+            "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": "", **(env or {}),
+        }  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *argv],
+                env=rank_env,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    outputs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0] * world, "".join(o[-3000:] for o in outputs)
+    return outputs

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import RECIPE, S
+from conftest import RECIPE, S, spawn_ranks
 from torch import nn
 
 from clip_train import backend
@@ -364,23 +362,10 @@ def _dist_worker(out: str) -> None:
 
 
 def test_two_ranks_on_gloo_train_one_model(tmp_path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     repo = str(Path(__file__).resolve().parent.parent)
-    procs = []
-    for rank in range(2):
-        env = {
-            **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-            "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""), "CUDA_VISIBLE_DEVICES": "",
-        }  # fmt: skip
-        cmd = [sys.executable, __file__, str(tmp_path)]
-        procs.append(
-            subprocess.Popen(cmd, env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        )
-    outputs = [p.communicate(timeout=240)[0].decode() for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    spawn_ranks(
+        [__file__, str(tmp_path)], env={"PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    )
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for report in reports:
         assert report["backend"] == "gloo" and report["world_size"] == 2

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import RECIPE, run_py
+from conftest import RECIPE, run_py, spawn_ranks
 from torch import nn
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
@@ -161,21 +159,11 @@ def _ddp_rank(model_dir: str, out: str) -> None:
 
 def test_every_trainable_parameter_gets_a_gradient_without_find_unused(demo, tmp_path) -> None:
     _, model_dir = demo
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     repo = str(Path(__file__).resolve().parent.parent)
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-               "RANK": str(rank), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
-               "PYTHONPATH": repo + os.pathsep + str(Path(__file__).parent)}  # fmt: skip
-        cmd = [sys.executable, __file__, model_dir, str(tmp_path)]
-        procs.append(
-            subprocess.Popen(cmd, env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        )
-    outputs = [p.communicate(timeout=240)[0].decode() for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    spawn_ranks(
+        [__file__, model_dir, str(tmp_path)],
+        env={"PYTHONPATH": repo + os.pathsep + str(Path(__file__).parent)},
+    )
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for report in reports:
         assert report["find_unused"] is False and report["no_grad"] == [] and report["frozen"] > 0
