@@ -234,7 +234,9 @@ def test_undecodable_images_and_a_limited_split(trained, tmp_path, caplog):
     assert len(unique_captions(_val(data_dir, out, str(tmp_path), use_cache=True))[0]) == 108
 
 
-def test_a_diverged_model_logs_an_error_and_training_goes_on(demo, tmp_path):
+def test_a_diverged_model_logs_an_error_and_the_evaluation_goes_on(demo, tmp_path):
+    # Training can no longer make weights NaN (the non-finite guard skips such steps and never saves them:
+    # tests/test_apex_amp.py), so the diverged model is given: its evaluation must still end with eval_loss.
     data_dir, model_dir = demo
     nan_dir = str(tmp_path / "diverged")
     shutil.copytree(model_dir, nan_dir)
@@ -242,16 +244,11 @@ def test_a_diverged_model_logs_an_error_and_training_goes_on(demo, tmp_path):
     weights["visual_projection.weight"] = torch.full_like(weights["visual_projection.weight"], float("nan"))
     save_file(weights, os.path.join(nan_dir, "model.safetensors"), metadata={"format": "pt"})
     out = str(tmp_path / "out")
-    steps = "--do_train --max_steps 4 --eval_strategy steps --eval_steps 2 --per_device_train_batch_size 16 "
-    steps += "--max_train_samples 64 --logging_steps 1 --save_strategy no"
-    args = eval_args(data_dir, nan_dir, out, *steps.split())
-    r = run_py(args, env=ENV)
+    r = run_py(eval_args(data_dir, nan_dir, out), env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     log = r.stdout + r.stderr
-    assert log.count("retrieval metrics skipped at step") == 3, log[-3000:]  # steps 2, 4 and the final eval
+    assert log.count("retrieval metrics skipped at step") == 1, log[-3000:]
     assert "embeddings are NaN, inf or zero: the model has diverged" in log
-    # Training went past the failed evaluations.
-    assert max(h["step"] for h in history(out) if "loss" in h) == 4
     assert "eval_loss" in results(out) and not any("R@" in k for k in results(out))
 
 
