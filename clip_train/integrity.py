@@ -96,6 +96,10 @@ def rows_fingerprint(dataset: Any, image_paths: list[str]) -> str:
     File names, not full paths, so the same data in a moved or re-mounted folder is the same run.
     """
     h = xxhash.xxh3_64()
+    if not hasattr(dataset, "flat_ids"):  # streamed shards: their names (not paths) and the epoch length
+        names = "\n".join(os.path.basename(u) for u in getattr(dataset, "urls", []))
+        h.update(f"{names}\n{getattr(dataset, 'num_samples', len(dataset))}".encode())
+        return h.hexdigest()
     for arr in (dataset.flat_ids, dataset.offsets, dataset.image_index):
         a = np.ascontiguousarray(arr)
         h.update(str(a.dtype).encode() + b":")

@@ -80,7 +80,7 @@ def run_in_process(capfd, caplog, args: list[str]) -> str:
     ("flags", "says"),
     [
         ([], "precision fp32 |"),
-        (["--bf16"], "precision bf16 (torch.autocast)"),
+        (["--bf16"], "precision bf16 (torch.autocast, fp32 weights)"),
         (["--fp16"], "--fp16 on CPU: running fp32"),
     ],
     ids=["fp32", "bf16", "fp16-is-fp32-on-cpu"],
@@ -144,7 +144,7 @@ def test_dynamic_grad_scaler_cell(demo, tmp_path, capfd, caplog, monkeypatch, _c
     as_family(monkeypatch, "cuda", apex=False)
     out = str(tmp_path / "out")
     err = run_in_process(capfd, caplog, tiny_run(*demo, out, "--fp16", "--loss_scale", "dynamic"))
-    assert "precision fp16 (torch.autocast) | loss scale dynamic" in err
+    assert "precision fp16 (torch.autocast, fp32 weights) | loss scale dynamic" in err
     (scaler,) = _cpu_fp16_accelerator
     assert scaler.is_enabled() and scaler._scale is not None  # it scaled the loss of every step
     check_finished(out)
