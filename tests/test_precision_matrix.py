@@ -144,7 +144,10 @@ def test_dynamic_grad_scaler_cell(demo, tmp_path, capfd, caplog, monkeypatch, _c
     as_family(monkeypatch, "cuda", apex=False)
     out = str(tmp_path / "out")
     err = run_in_process(capfd, caplog, tiny_run(*demo, out, "--fp16", "--loss_scale", "dynamic"))
-    assert "precision fp16 (torch.autocast, fp32 weights) | loss scale dynamic" in err
+    assert (
+        "precision fp16 (torch.autocast, fp32 weights) INSTEAD OF apex O2" in err
+        and "| loss scale dynamic" in err
+    )
     (scaler,) = _cpu_fp16_accelerator
     assert scaler.is_enabled() and scaler._scale is not None  # it scaled the loss of every step
     check_finished(out)
