@@ -22,26 +22,23 @@ from transformers import (
     set_seed,
 )
 
-from clip_train import (
-    backend,
-    checkpointing,
-    compiling,
-    data,
-    device_settings,
-    loading,
-    memory,
-    outputs,
-    shard_input,
-)
-from clip_train.accumulation import describe as describe_accumulation
-from clip_train.args import ArgumentError, parse_args, plan_backend
-from clip_train.coco import DataError
-from clip_train.guard import TrainingDiverged
-from clip_train.loss import LogitScaleClamp
-from clip_train.preemption import Preempted, PreemptionGuard
-from clip_train.report import save_plots
-from clip_train.summary import recipe_blocks
-from clip_train.trainer import ClipTrainer
+from clip_train.checkpoint import output_dir as outputs
+from clip_train.checkpoint import saving as checkpointing
+from clip_train.checkpoint.preemption import Preempted, PreemptionGuard
+from clip_train.config.args import ArgumentError, parse_args, plan_backend
+from clip_train.data import dataset as data
+from clip_train.data import rows as loading
+from clip_train.data import shard_reader as shard_input
+from clip_train.data.coco import DataError
+from clip_train.device import backend, memory
+from clip_train.device import settings as device_settings
+from clip_train.device.nonfinite import TrainingDiverged
+from clip_train.eval.plots import save_plots
+from clip_train.launch.summary import recipe_blocks
+from clip_train.train import compiling
+from clip_train.train.accumulation import describe as describe_accumulation
+from clip_train.train.loss import LogitScaleClamp
+from clip_train.train.trainer import ClipTrainer
 
 logger = logging.getLogger("run_clip")
 

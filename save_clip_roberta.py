@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from clip_train.assemble import AssembleError, build_clip_roberta
+from clip_train.model import AssembleError, build_clip_roberta
 
 
 def main(argv: list[str] | None = None) -> int:

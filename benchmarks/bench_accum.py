@@ -7,7 +7,7 @@
 
 For each model (bench_input.py's tiny and full-size clip-roberta shapes, random init, 224 images, captions of
 ``--width`` tokens) it times one optimizer step of
-  B = 64 x K = 1 (the recipe's batch), B = 16 x K = 4 contrastive (clip_train.accumulation.grad_cache_step: the
+  B = 64 x K = 1 (the recipe's batch), B = 16 x K = 4 contrastive (clip_train.train.accumulation.grad_cache_step: the
   same 64-sample loss and gradients), B = 16 x K = 4 mean (the Trainer's accumulation: four 16-sample losses),
   B = 16 x K = 1,
 each in a fresh process (so that CPU peak RSS is its own), as run_clip.py trains: uint8 images normalised on the
@@ -69,7 +69,7 @@ def build_model(shape: str, dropout: float | None = None, image_size: int = 224)
 
 
 def normalize(images, mean, std, out):
-    """clip_train.trainer.normalize_pixels' arithmetic (that module imports `datasets`)."""
+    """clip_train.train.trainer.normalize_pixels' arithmetic (that module imports `datasets`)."""
     out.copy_(images.permute(0, 3, 1, 2))
     return out.mul_(1.0 / (std * 255.0)).add_(-mean / std)
 
@@ -114,9 +114,9 @@ def measure(shape: str, batch: int, steps_k: int, mode: str, a: argparse.Namespa
     """One configuration in this process: seconds per optimizer step and peak memory."""
     import torch
 
-    from clip_train.accumulation import grad_cache_step
-    from clip_train.backend import synchronize
-    from clip_train.loss import clip_loss
+    from clip_train.device.backend import synchronize
+    from clip_train.train.accumulation import grad_cache_step
+    from clip_train.train.loss import clip_loss
 
     device = a.device
     torch.manual_seed(0)
@@ -174,8 +174,8 @@ def check(device: str) -> int:
     replayed), in fp32; and the difference without the replay. Prints the largest gradient differences."""
     import torch
 
-    from clip_train import accumulation
-    from clip_train.loss import clip_loss
+    from clip_train.train import accumulation
+    from clip_train.train.loss import clip_loss
 
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--one", help=argparse.SUPPRESS)  # a child run: shape,batch,K,mode
     a = p.parse_args(argv)
     if a.device == "auto":
-        from clip_train.backend import detect_family
+        from clip_train.device.backend import detect_family
 
         a.device = detect_family()
     if a.device == "npu":

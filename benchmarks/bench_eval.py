@@ -42,13 +42,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from transformers import TrainerCallback  # noqa: E402
 
-from clip_train import trainer as trainer_module  # noqa: E402
-from clip_train.coco import load_coco_split  # noqa: E402
-from clip_train.data import Collator, build_dataset  # noqa: E402
+from clip_train.data.coco import load_coco_split  # noqa: E402
+from clip_train.data.dataset import Collator, build_dataset  # noqa: E402
 from clip_train.demo import default_root, prepare  # noqa: E402
-from clip_train.evaluation import unique_captions  # noqa: E402
-from clip_train.retrieval import retrieval_metrics  # noqa: E402
-from clip_train.trainer import ClipTrainer, retrieval_eval  # noqa: E402
+from clip_train.eval.evaluation import unique_captions  # noqa: E402
+from clip_train.eval.retrieval import retrieval_metrics  # noqa: E402
+from clip_train.train import trainer as trainer_module  # noqa: E402
+from clip_train.train.trainer import ClipTrainer, retrieval_eval  # noqa: E402
 
 COCO_TRAIN_ROWS, COCO_VAL_ROWS, COCO_VAL_IMAGES = 591_753, 25_014, 5_000
 # The clock: wall time, or this process's CPU time. On a shared machine, a 1-thread run's CPU time is what

@@ -33,9 +33,10 @@ from concurrent.futures import ProcessPoolExecutor
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from clip_train import demo, images  # noqa: E402
-from clip_train.coco import load_coco_split  # noqa: E402
-from clip_train.data import image_table  # noqa: E402
+from clip_train import demo  # noqa: E402
+from clip_train.data import images  # noqa: E402
+from clip_train.data.coco import load_coco_split  # noqa: E402
+from clip_train.data.dataset import image_table  # noqa: E402
 
 IMAGE_SIZE = 224
 REFERENCE = ["--image_cache", "False", "--pad_to_max_length"]

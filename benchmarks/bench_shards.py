@@ -42,7 +42,7 @@ from bench_input import (  # noqa: E402
 )
 
 from clip_train import demo  # noqa: E402
-from clip_train.coco import load_coco_split  # noqa: E402
+from clip_train.data.coco import load_coco_split  # noqa: E402
 from clip_train.shards import write_shards  # noqa: E402
 
 IMAGE_SIZE = 224
@@ -66,7 +66,7 @@ def prepare(root: str, n_train: int) -> dict[str, str]:
 
 def bench_readers(urls: list[str], limit: int) -> dict[str, float]:
     """(0): raw samples/s of webdataset and of datasets' streaming webdataset builder, one process."""
-    from clip_train.shard_stream import read_samples
+    from clip_train.data.shard_stream import read_samples
 
     found = {}
     t = time.perf_counter()
@@ -93,8 +93,8 @@ def bench_worker(paths: dict[str, str], limit: int, repeat: int) -> dict[str, li
     import numpy as np
     from transformers import AutoTokenizer
 
-    from clip_train.data import build_dataset
-    from clip_train.shard_stream import ShardStream
+    from clip_train.data.dataset import build_dataset
+    from clip_train.data.shard_stream import ShardStream
 
     tok = AutoTokenizer.from_pretrained(paths["tiny"])
     urls = sorted(glob.glob(os.path.join(paths["shards"], "*.tar")))

@@ -32,8 +32,8 @@ def caption_widths(coco_dir: str, model_dir: str, batches: int, batch: int, seed
     import numpy as np
     from transformers import AutoTokenizer
 
-    from clip_train.coco import load_coco_split
-    from clip_train.data import Collator
+    from clip_train.data.coco import load_coco_split
+    from clip_train.data.dataset import Collator
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     captions = load_coco_split(coco_dir, "train").columns["caption"]
@@ -84,10 +84,10 @@ def time_steps(
     import torch
     from transformers import VisionTextDualEncoderModel
 
-    from clip_train import compiling as clip_compile
-    from clip_train.backend import synchronize
-    from clip_train.loss import clip_loss
-    from clip_train.trainer import normalize_pixels
+    from clip_train.device.backend import synchronize
+    from clip_train.train import compiling as clip_compile
+    from clip_train.train.loss import clip_loss
+    from clip_train.train.trainer import normalize_pixels
 
     if device == "npu":
         import torch_npu  # noqa: F401  (registers the device)
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = bench_input.prepare(a.root, 2000)
     model_dir = paths["tiny" if a.model == "tiny" else "full"]
     if a.device == "auto":
-        from clip_train.backend import detect_family
+        from clip_train.device.backend import detect_family
 
         a.device = detect_family()
     if a.precision == "fp16" and a.device == "cpu":

@@ -20,7 +20,7 @@ import numpy as np
 import xxhash
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from clip_train.integrity import file_hash  # noqa: E402
+from clip_train.checkpoint.integrity import file_hash  # noqa: E402
 
 ALGOS = {
     "xxh3_64": xxhash.xxh3_64,

@@ -46,9 +46,10 @@ def prepare(root: str, n_train: int, n_val: int, model: str) -> dict[str, str]:
     """The COCO folder, the model (tiny or full-size) and a warm image cache under ``root`` (made once per size)."""
     import bench_input
 
-    from clip_train import demo, images
-    from clip_train.coco import load_coco_split
-    from clip_train.data import available_cpus, image_table
+    from clip_train import demo
+    from clip_train.data import images
+    from clip_train.data.coco import load_coco_split
+    from clip_train.data.dataset import available_cpus, image_table
 
     tag = f"{n_train}-{n_val}-{model}"
     base = os.path.join(root, tag)

@@ -23,7 +23,7 @@ def profile_child(out_file: str, start: int, count: int, argv: list[str]) -> int
     from transformers import TrainerCallback
 
     import run_clip
-    from clip_train.backend import synchronize
+    from clip_train.device.backend import synchronize
 
     class Profile(TrainerCallback):
         prof = None

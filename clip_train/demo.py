@@ -174,7 +174,7 @@ def prepare(root: str | None = None, n_train: int = 600, n_val: int = 100) -> tu
     import torch
     from transformers.utils import logging as hf_logging
 
-    from .assemble import build_clip_roberta
+    from clip_train.model import build_clip_roberta
 
     hf_logging.set_verbosity_error()  # the towers' load reports are expected here and only noise
     root = root or default_root()

@@ -28,8 +28,8 @@ from types import SimpleNamespace
 
 import webdataset as wds
 
-from .coco import DataError
-from .images import BadImage, read_bytes
+from clip_train.data.coco import DataError
+from clip_train.data.images import BadImage, read_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(levelname)s - %(message)s", level=logging.INFO)
 
-    from .loading import load_rows  # the same row readers as run_clip.py
+    from clip_train.data.rows import load_rows  # the same row readers as run_clip.py
 
     data_args = SimpleNamespace(
         train_file=args.file if args.split == "train" else None,

@@ -29,13 +29,14 @@ from transformers import (
     VisionTextDualEncoderModel,
 )
 
-from clip_train import accumulation, backend
-from clip_train.accumulation import grad_cache_step
-from clip_train.data import ClipDataset, Collator, tokenize_captions
-from clip_train.loading import checkpoint_towers, freeze_towers
-from clip_train.loss import clip_loss
-from clip_train.outputs import complete_checkpoints
-from clip_train.trainer import ClipTrainer
+from clip_train.checkpoint.output_dir import complete_checkpoints
+from clip_train.data.dataset import ClipDataset, Collator, tokenize_captions
+from clip_train.data.rows import checkpoint_towers, freeze_towers
+from clip_train.device import backend
+from clip_train.train import accumulation
+from clip_train.train.accumulation import grad_cache_step
+from clip_train.train.loss import clip_loss
+from clip_train.train.trainer import ClipTrainer
 
 SEQ = 12
 TOL = {"atol": 1e-5, "rtol": 0}

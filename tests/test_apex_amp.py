@@ -12,8 +12,8 @@ from conftest import RECIPE, S
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from clip_train import backend
-from clip_train.apex_amp import BackendTrainerMixin
+from clip_train.device import backend
+from clip_train.device.apex_amp import BackendTrainerMixin
 
 
 class Tiny(nn.Module):

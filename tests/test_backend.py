@@ -12,8 +12,8 @@ import torch
 from conftest import RECIPE, S, spawn_ranks
 from torch import nn
 
-from clip_train import backend
-from clip_train.backend import APEX_OPTIMIZER, Plan, make_plan
+from clip_train.device import backend
+from clip_train.device.backend import APEX_OPTIMIZER, Plan, make_plan
 
 # (family, flags, expected plan fields). Flags not given take make_plan's defaults.
 PLAN_TABLE = [

@@ -15,7 +15,7 @@ import os
 import pytest
 
 import run_clip
-from clip_train import args as clip_args
+from clip_train.config import args as clip_args
 
 
 def files(tmp) -> dict[str, str]:
@@ -137,7 +137,7 @@ def test_every_rule_names_an_argument_the_parser_knows() -> None:
     """A typo in RULES would silently check nothing: every rule's argument must be a field of the dataclasses."""
     import dataclasses
 
-    from clip_train.validate import RULES, SURPRISES
+    from clip_train.config.validate import RULES, SURPRISES
 
     fields = {f.name for cls in clip_args.ARG_CLASSES for f in dataclasses.fields(cls)}
     assert [r.arg for r in [*RULES, *SURPRISES] if r.arg not in fields] == []

@@ -241,7 +241,7 @@ def test_eval_skips_reach_all_results(runs):
 
 
 def test_non_ascii_captions_are_kept_as_they_are(runs):
-    from clip_train.coco import load_coco_split
+    from clip_train.data.coco import load_coco_split
 
     rows = load_coco_split(os.path.join(runs["root"], "coco"), "train")
     kept = set(rows.columns["caption"])

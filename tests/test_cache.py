@@ -21,14 +21,14 @@ import pytest
 from conftest import REPO, run_py
 from PIL import Image
 
-from clip_train import images
-from clip_train.images import build_cache, load_image, remove_stale_partials
+from clip_train.data import images
+from clip_train.data.images import build_cache, load_image, remove_stale_partials
 
 SIZE = 32
 BUILDER = """
 import json, logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
-from clip_train.images import build_cache
+from clip_train.data.images import build_cache
 paths, cache, workers = json.load(open(sys.argv[1])), sys.argv[2], int(sys.argv[3])
 arr, meta = build_cache(paths, 32, cache, workers=workers)
 print("finished", len(arr), flush=True)
@@ -141,7 +141,7 @@ def test_killed_build_is_never_served_and_the_next_run_rebuilds(folder, tmp_path
                 os.kill(w, signal.SIGKILL)
 
     # The next run: removes the leftover, builds again from scratch, and serves complete, correct images.
-    caplog.set_level(logging.INFO, logger="clip_train.images")
+    caplog.set_level(logging.INFO, logger="clip_train.data.images")
     feeder = feed(paths[k], fifo_bytes)
     arr, meta = build_cache(paths, SIZE, cache, workers=1)
     feeder.join(5)
@@ -208,7 +208,7 @@ def test_overwrite_rebuilds_old_caches_once_per_run(tmp_path, caplog):
         (tmp_path / f"{i}.jpg").write_bytes(jpeg(i))
         paths.append(str(tmp_path / f"{i}.jpg"))
     cache = str(tmp_path / "cache")
-    caplog.set_level(logging.INFO, logger="clip_train.images")
+    caplog.set_level(logging.INFO, logger="clip_train.data.images")
     build_cache(paths, SIZE, cache)
     meta = next(os.path.join(cache, f) for f in listing(cache) if f.endswith(".json"))
     caplog.clear()

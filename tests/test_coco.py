@@ -4,7 +4,7 @@ import zipfile
 
 import pytest
 
-from clip_train.coco import COLUMNS, DataError, load_coco_split
+from clip_train.data.coco import COLUMNS, DataError, load_coco_split
 
 
 def extract(src: str, dst: str) -> str:

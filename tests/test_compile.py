@@ -11,8 +11,8 @@ import zipfile
 
 import pytest
 
-from clip_train import compiling
 from clip_train.demo import COLOURS, SHAPES, recipe_args
+from clip_train.train import compiling
 
 
 def test_bucket_width() -> None:
@@ -70,7 +70,7 @@ def train(monkeypatch: pytest.MonkeyPatch, data_dir: str, model_dir: str, out: s
     from transformers import TrainerCallback
 
     import run_clip
-    from clip_train.trainer import ClipTrainer
+    from clip_train.train.trainer import ClipTrainer
 
     seen: dict = {"loss": [], "compiled": [], "widths": []}
 

@@ -2,9 +2,9 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from clip_train.data import Collator
-from clip_train.loss import clip_loss
-from clip_train.trainer import normalize_pixels
+from clip_train.data.dataset import Collator
+from clip_train.train.loss import clip_loss
+from clip_train.train.trainer import normalize_pixels
 
 
 def samples(tokenizer, captions, size=64):
@@ -70,7 +70,7 @@ def test_feeding_defaults_fill_only_what_the_user_left_unset(tmp_path):
 
     from transformers import TrainingArguments
 
-    from clip_train.data import available_cpus, feeding_defaults, given_options
+    from clip_train.data.dataset import available_cpus, feeding_defaults, given_options
 
     argv = ["--dataloader_num_workers", "2", "--no_dataloader_pin_memory", "--output_dir=x"]
     assert given_options(argv) >= {"dataloader_num_workers", "dataloader_pin_memory", "output_dir"}

@@ -15,7 +15,8 @@ from conftest import RECIPE, run_py, spawn_ranks
 from torch import nn
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
-from clip_train import backend, device_settings
+from clip_train.device import backend
+from clip_train.device import settings as device_settings
 
 FLAGS = ("ddp_find_unused_parameters", "ddp_broadcast_buffers", "ddp_bucket_cap_mb", "logging_nan_inf_filter")
 
@@ -117,8 +118,8 @@ def _ddp_rank(model_dir: str, out: str) -> None:
     import torch.distributed as dist
     from transformers import AutoModel
 
-    from clip_train.loading import freeze_towers
-    from clip_train.loss import clip_loss
+    from clip_train.data.rows import freeze_towers
+    from clip_train.train.loss import clip_loss
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

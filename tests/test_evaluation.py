@@ -20,11 +20,11 @@ import torch
 from conftest import REPO, run_py
 from safetensors.torch import load_file, save_file
 
-from clip_train.coco import load_coco_split
-from clip_train.data import build_dataset
-from clip_train.evaluation import retrieval_eval, unique_captions
-from clip_train.retrieval import retrieval_metrics
-from clip_train.trainer import normalize_pixels
+from clip_train.data.coco import load_coco_split
+from clip_train.data.dataset import build_dataset
+from clip_train.eval.evaluation import retrieval_eval, unique_captions
+from clip_train.eval.retrieval import retrieval_metrics
+from clip_train.train.trainer import normalize_pixels
 
 # One thread per process: on 2 shared cores, torch's default of 2 spinning threads per process made a step
 # ~15x slower whenever other work ran (135 ms vs 2.3 s at batch 32, measured).
@@ -254,7 +254,7 @@ def test_a_diverged_model_logs_an_error_and_the_evaluation_goes_on(demo, tmp_pat
 
 GATHER_ON_DEVICE_MAP_GROUP = """
 import sys, torch, torch.distributed as dist
-from clip_train.retrieval import gather_rows
+from clip_train.eval.retrieval import gather_rows
 rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 # No backend named (what accelerate does under torchrun on CPU without --ddp_backend): torch maps each
 # device to a backend, get_backend() says "undefined", and CPU tensors must still gather over gloo.

@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer, TrainerCallback, TrainingArguments
 
-from clip_train.data import ClipDataset, Collator, tokenize_captions
-from clip_train.loading import freeze_towers
-from clip_train.trainer import ClipTrainer
+from clip_train.data.dataset import ClipDataset, Collator, tokenize_captions
+from clip_train.data.rows import freeze_towers
+from clip_train.train.trainer import ClipTrainer
 
 CAPTIONS = ["a red circle", "a photo of a big blue square", "there is a triangle that is green",
             "a small white square in the picture", "a yellow circle on a gray background",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_train.images import BadImage, build_cache, load_image, resize_center_crop
+from clip_train.data.images import BadImage, build_cache, load_image, resize_center_crop
 
 
 def jpeg_bytes(img: Image.Image, fmt: str = "JPEG") -> bytes:

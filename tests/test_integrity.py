@@ -16,8 +16,8 @@ import pytest
 from conftest import REPO
 from test_resume import finish, losses, start, train_cmd
 
-from clip_train.integrity import HASH, MARKER, verify
-from clip_train.loading import SetupError
+from clip_train.checkpoint.integrity import HASH, MARKER, verify
+from clip_train.data.rows import SetupError
 
 STEPS = 12  # saves at 4, 8, 12; the last two are kept
 FILES = ["model.safetensors", "optimizer.pt", "rng_state.pth", "trainer_state.json"]
@@ -63,8 +63,8 @@ def damage(path: str, kind: str) -> None:
 
 
 def prepare(out: str, *extra: str):
-    from clip_train.args import parse_args
-    from clip_train.outputs import prepare_output_dir
+    from clip_train.checkpoint.output_dir import prepare_output_dir
+    from clip_train.config.args import parse_args
 
     *_, training_args, recipe_args = parse_args(
         [
@@ -190,8 +190,8 @@ def test_nothing_resumable_and_another_shape_stop_with_one_line(reference, demo)
 
 AGREE = """
 import json, os, sys
-from clip_train.args import parse_args
-from clip_train.outputs import prepare_output_dir
+from clip_train.config.args import parse_args
+from clip_train.checkpoint.output_dir import prepare_output_dir
 out, per_node, answers = sys.argv[1], sys.argv[2] == "per-node", sys.argv[3]
 rank = os.environ["RANK"]
 *_, ta, ra = parse_args(["--model_name_or_path", "m", "--output_dir", out + (rank if per_node else ""),
@@ -249,7 +249,7 @@ def test_two_gloo_ranks_agree_on_the_fallback(reference, tmp_path, layout):
 
 
 def test_identity_differences_and_a_foreign_marker(reference, tmp_path):
-    from clip_train.integrity import differences
+    from clip_train.checkpoint.integrity import differences
 
     saved = json.load(open(os.path.join(reference["out"], "checkpoint-12", MARKER)))["run"]
     assert differences(saved, dict(saved)) == []

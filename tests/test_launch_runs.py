@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from test_launchers import TEST_DIR, TIMEOUT, _env, launch_sh
 
-from clip_train import launch, runfolder
+from clip_train.launch import cli as launch
+from clip_train.launch import runfolder
 
 REPO = Path(__file__).resolve().parents[1]
 

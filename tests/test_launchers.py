@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from clip_train import launch, runfolder
-from clip_train.summary import recipe_blocks
+from clip_train.launch import cli as launch
+from clip_train.launch import runfolder
+from clip_train.launch.summary import recipe_blocks
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DIR = REPO / "test"
@@ -307,7 +308,7 @@ def test_preemption_guard_turns_a_signal_into_save_and_stop(tmp_path: Path) -> N
 
     from transformers import TrainerControl
 
-    from clip_train.preemption import Preempted, PreemptionGuard
+    from clip_train.checkpoint.preemption import Preempted, PreemptionGuard
 
     guard, args, control = PreemptionGuard(), SimpleNamespace(save_strategy="steps"), TrainerControl()
     before = signal.getsignal(signal.SIGTERM)

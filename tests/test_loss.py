@@ -17,7 +17,7 @@ from transformers import (
     VisionTextDualEncoderModel,
 )
 
-from clip_train.loss import LogitScaleClamp, clamp_logit_scale_, clip_loss
+from clip_train.train.loss import LogitScaleClamp, clamp_logit_scale_, clip_loss
 
 WORLD = 2
 GLOBAL_BATCH = 8

@@ -26,8 +26,8 @@ from conftest import RECIPE, run_py
 from transformers import AutoModel
 
 import run_clip
-from clip_train import backend
-from clip_train.retrieval import retrieval_metrics
+from clip_train.device import backend
+from clip_train.eval.retrieval import retrieval_metrics
 
 EVAL_KEYS = {"eval_loss"} | {
     f"eval_{way}_{m}"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from clip_train.report import save_plots
+from clip_train.eval.plots import save_plots
 
 
 def realistic_history() -> list[dict]:
@@ -103,6 +103,6 @@ def test_odd_entries_are_skipped_not_fatal(tmp_path: Path) -> None:
 def test_failure_warns_and_returns(tmp_path: Path, caplog) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    with caplog.at_level(logging.WARNING, logger="clip_train.report"):
+    with caplog.at_level(logging.WARNING, logger="clip_train.eval.plots"):
         assert save_plots(realistic_history(), str(blocker)) == []
     assert "could not write the plot" in caplog.text

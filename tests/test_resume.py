@@ -18,8 +18,8 @@ import pytest
 from conftest import REPO
 from safetensors.torch import load_file
 
-from clip_train.checkpointing import MARKER, is_complete
-from clip_train.outputs import complete_checkpoints
+from clip_train.checkpoint.output_dir import complete_checkpoints
+from clip_train.checkpoint.saving import MARKER, is_complete
 
 # 12 steps an epoch: the kill lands mid-epoch or on its boundary, and the resumed part crosses epoch boundaries.
 MAX_STEPS, SAVE_STEPS, KILL_AFTER = 48, 4, 14
@@ -197,8 +197,8 @@ def make_checkpoint(out: str, step: int, *, state: bool = True, marker: bool = T
 
 def test_output_dir_rules(tmp_path):
     """Which checkpoint a rerun uses and what it deletes, on real folders with real parsed arguments."""
-    from clip_train.args import parse_args
-    from clip_train.outputs import prepare_output_dir
+    from clip_train.checkpoint.output_dir import prepare_output_dir
+    from clip_train.config.args import parse_args
 
     out = str(tmp_path / "out")
 
@@ -230,7 +230,7 @@ def test_save_clock_projects_saves_and_looks_again_after_an_evaluation(tmp_path)
     """CheckpointGuard alone, driven like the Trainer drives it, with real sleeps as the steps' work."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from clip_train.checkpointing import CheckpointGuard
+    from clip_train.checkpoint.saving import CheckpointGuard
 
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     state, control = TrainerState(), TrainerControl()

@@ -18,7 +18,7 @@ from transformers import (
     VisionTextDualEncoderModel,
 )
 
-from clip_train.retrieval import (
+from clip_train.eval.retrieval import (
     embed_for_retrieval,
     gather_rows,
     retrieval_metrics,

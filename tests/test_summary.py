@@ -1,4 +1,4 @@
-"""clip_train.summary: the launchers' summary file and closing console lines, from a run's results files."""
+"""clip_train.launch.summary: the launchers' summary file and closing console lines, from a run's results files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from clip_train import summary
+from clip_train.launch import summary
 
 
 def read_summary(path: Path) -> dict[str, str]:

@@ -36,7 +36,7 @@ def host_flag_read(site: str) -> bool:
     the event has passed): on a GPU that read waits for nothing. On CPU the same line reads a CPU tensor."""
     import inspect
 
-    from clip_train import guard
+    from clip_train.device import nonfinite as guard
 
     lines, first = inspect.getsourcelines(guard._DeviceFlag.value)
     path, line = site.rsplit(":", 1)

@@ -17,10 +17,10 @@ import sys
 import time
 from typing import TYPE_CHECKING, TextIO
 
-from . import runfolder, summary
+from clip_train.launch import runfolder, summary
 
 if TYPE_CHECKING:
-    from .launch import Plan
+    from clip_train.launch.cli import Plan
 
 
 class Tee:
@@ -72,7 +72,7 @@ def _folder_lines(plan: Plan) -> list[str]:
 
 
 def execute(plan: Plan, started: float, machine: str) -> int:
-    from .launch import LaunchError
+    from clip_train.launch.cli import LaunchError
 
     paths = plan.paths
     try:

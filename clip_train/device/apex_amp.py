@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from clip_train.backend import APEX_OPTIMIZER, Plan, describe_precision, make_grad_scaler
-from clip_train.guard import STATIC_BACKOFF, NonFiniteGuardMixin, logger
+from clip_train.device.backend import APEX_OPTIMIZER, Plan, describe_precision, make_grad_scaler
+from clip_train.device.nonfinite import STATIC_BACKOFF, NonFiniteGuardMixin, logger
 
 
 class BackendTrainerMixin(NonFiniteGuardMixin):

@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import runfolder
+from clip_train.launch import runfolder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The recipe's checkpoint cadence: a 1-card run never saves before the end, multi-card runs every 15000 steps.
 SAVE_STEPS_1P, SAVE_STEPS_MULTI = 150000, 15000
 MAX_RESTARTS_MULTI = 3  # torchrun restarts all workers after a failure; they resume from the last checkpoint
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(note, file=sys.stderr)
             print(dry_run_text(plan))
             return 0
-        from .launch_run import execute  # the run itself: folders, tee, signals, summary
+        from clip_train.launch.run import execute  # the run itself: folders, tee, signals, summary
 
         return execute(plan, started=started, machine=platform.machine())
     except LaunchError as exc:

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .checkpointing import MARKER, is_complete
-from .integrity import Check, differences, read_marker, run_identity, verify
-from .loading import SetupError
+from clip_train.checkpoint.integrity import Check, differences, read_marker, run_identity, verify
+from clip_train.checkpoint.saving import MARKER, is_complete
+from clip_train.data.rows import SetupError
 
 logger = logging.getLogger(__name__)
 

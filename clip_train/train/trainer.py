@@ -9,13 +9,13 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .accumulation import ContrastiveAccumulationMixin
-from .apex_amp import BackendTrainerMixin
-from .backend import synchronize
-from .compiling import mark_caption_width_dynamic
-from .data import ClipDataset
-from .evaluation import RetrievalSkipped, retrieval_eval
-from .loss import clip_loss
+from clip_train.data.dataset import ClipDataset
+from clip_train.device.apex_amp import BackendTrainerMixin
+from clip_train.device.backend import synchronize
+from clip_train.eval.evaluation import RetrievalSkipped, retrieval_eval
+from clip_train.train.accumulation import ContrastiveAccumulationMixin
+from clip_train.train.compiling import mark_caption_width_dynamic
+from clip_train.train.loss import clip_loss
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import Any
 import datasets
 import numpy as np
 
-from .coco import DataError, SplitRows, load_coco_split
-from .data import ClipDataset, build_dataset
+from clip_train.data.coco import DataError, SplitRows, load_coco_split
+from clip_train.data.dataset import ClipDataset, build_dataset
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import ClipDataset, pad_captions
-from .retrieval import embed_for_retrieval, gather_rows, retrieval_metrics, shard_indices
+from clip_train.data.dataset import ClipDataset, pad_captions
+from clip_train.eval.retrieval import embed_for_retrieval, gather_rows, retrieval_metrics, shard_indices
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from .backend import OPT_LEVELS, parse_loss_scale
-from .validate_tables import table_file
+from clip_train.config.tables import table_file
+from clip_train.device.backend import OPT_LEVELS, parse_loss_scale
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def json_object(v: Any, a: Any) -> str | None:
 
 def coco_column(v: Any, a: Any) -> str | None:
     """Without --train_file / --validation_file the rows are COCO's, so the column must be one of them."""
-    from .coco import COLUMNS
+    from clip_train.data.coco import COLUMNS
 
     if a.train_file or a.validation_file or v is None or v in COLUMNS:
         return None
@@ -251,7 +251,7 @@ class Surprise(NamedTuple):
 
 
 def _cpus() -> int:
-    from .data import available_cpus
+    from clip_train.data.dataset import available_cpus
 
     return available_cpus()
 

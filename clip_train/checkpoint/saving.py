@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from .integrity import MARKER, manifest
+from clip_train.checkpoint.integrity import MARKER, manifest
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def settle_save_args(training_args: Any) -> None:
             "Keeping the last %d checkpoints (--save_total_limit N to change, 0 keeps all)", DEFAULT_KEEP
         )
     elif limit == 1:
-        from .args import ArgumentError
+        from clip_train.config.args import ArgumentError
 
         raise ArgumentError(
             "--save_total_limit 1 can leave no complete checkpoint if the run dies while saving: "

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.training_args import OptimizerNames
 
-from . import backend, validate
-from .validate import ArgumentError
+from clip_train.config import validate
+from clip_train.config.validate import ArgumentError
+from clip_train.device import backend
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .loss import clip_loss
+from clip_train.train.loss import clip_loss
 
 ACCUMULATION_MODES = ("contrastive", "mean")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 FINISHED = "all_results.json"
 LAUNCH_LOG = "launch.log"
 SUMMARY = "summary.log"
-MARKER = "checkpoint_complete.json"  # clip_train.checkpointing.MARKER
+MARKER = "checkpoint_complete.json"  # clip_train.checkpoint.saving.MARKER
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def set_aside(run_dir: Path) -> Path | None:
 def last_complete_step(run_dir: Path) -> int | None:
     """The step of the newest complete checkpoint in ``run_dir`` (what a rerun resumes from), None if none.
 
-    The same test as clip_train.checkpointing.is_complete, without importing torch into the launcher.
+    The same test as clip_train.checkpoint.saving.is_complete, without importing torch into the launcher.
     """
     steps = [
         int(p.name.split("-", 1)[1])

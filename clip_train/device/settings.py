@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .backend import Plan
+from clip_train.device.backend import Plan
 
 BUCKET_CAP_MB = {"npu": 150, "cuda": 25}
 

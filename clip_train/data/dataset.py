@@ -20,7 +20,7 @@ import datasets
 import numpy as np
 import torch
 
-from .images import BadImage, build_cache, load_image
+from clip_train.data.images import BadImage, build_cache, load_image
 
 logger = logging.getLogger(__name__)
 
