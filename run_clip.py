@@ -22,19 +22,20 @@ from transformers import (
     set_seed,
 )
 
+from clip_train import model as model_parts
 from clip_train.checkpoint import output_dir as outputs
 from clip_train.checkpoint import saving as checkpointing
 from clip_train.checkpoint.preemption import Preempted, PreemptionGuard
-from clip_train.config.args import ArgumentError, parse_args, plan_backend
+from clip_train.config.args import parse_args, plan_backend
 from clip_train.data import dataset as data
+from clip_train.data import feeding, images
 from clip_train.data import rows as loading
 from clip_train.data import shard_reader as shard_input
-from clip_train.data.coco import DataError
 from clip_train.device import backend, memory
 from clip_train.device import settings as device_settings
-from clip_train.device.nonfinite import TrainingDiverged
+from clip_train.errors import ArgumentError, DataError, SetupError, TrainingDiverged
 from clip_train.eval.plots import save_plots
-from clip_train.launch.summary import recipe_blocks
+from clip_train.eval.recipe_log import recipe_blocks
 from clip_train.train import compiling
 from clip_train.train.accumulation import describe as describe_accumulation
 from clip_train.train.loss import LogitScaleClamp
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     backend.set_npu_options(backend.detect_family())
     model_args, data_args, training_args, recipe_args = parse_args(argv)
     plan, training_args = plan_backend(training_args, recipe_args)
-    device_settings.choose(training_args, plan, data.given_options(argv))
+    device_settings.choose(training_args, plan, feeding.given_options(argv))
 
     # 2. Logging -----------------------------------------------------------------------------------------------
     logging.basicConfig(
@@ -68,14 +69,14 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info(compiling.describe(training_args))
     for note in plan.notes:
         logger.warning(note)
-    feeding = data.feeding_defaults(
+    chosen = feeding.feeding_defaults(
         training_args,
-        data.given_options(argv),
+        feeding.given_options(argv),
         accelerator=training_args.device.type != "cpu",
         image_cache=data_args.image_cache and not data_args.train_shards,  # shards decode in the loader
     )
-    if feeding:
-        logger.info("DataLoader settings not given, chosen: %s", feeding)
+    if chosen:
+        logger.info("DataLoader settings not given, chosen: %s", chosen)
     logger.info("world_size=%d rank=%d", training_args.world_size, training_args.process_index)
     if training_args.gradient_accumulation_steps > 1:
         logger.info(describe_accumulation(
@@ -98,26 +99,26 @@ def main(argv: list[str] | None = None) -> dict:
         "token": model_args.token,
         "trust_remote_code": model_args.trust_remote_code,
     }
-    tokenizer = loading.load_part(
+    tokenizer = model_parts.load_part(
         AutoTokenizer, model_args.tokenizer_name or model_args.model_name_or_path, "tokenizer",
         use_fast=model_args.use_fast_tokenizer, **common,
     )  # fmt: skip
-    image_processor = loading.load_part(
+    image_processor = model_parts.load_part(
         AutoImageProcessor,
         model_args.image_processor_name or model_args.model_name_or_path,
         "image processor",
         **common,
     )
     # fp32 whatever dtype the folder was saved in: autocast / apex do the mixed precision.
-    model = loading.load_part(
+    model = model_parts.load_part(
         AutoModel, model_args.model_name_or_path, "model", dtype=torch.float32, **common
     )
-    loading.freeze_towers(model, model_args.freeze_vision_model, model_args.freeze_text_model)
-    loading.checkpoint_towers(model, training_args)
+    model_parts.freeze_towers(model, model_args.freeze_vision_model, model_args.freeze_text_model)
+    model_parts.checkpoint_towers(model, training_args)
     image_size = model.config.vision_config.image_size
 
     # 4. Data: caption rows -> tokenised captions + decoded images -----------------------------------------------
-    cache_dir = data_args.image_cache_dir or loading.default_cache_dir(model_args.cache_dir)
+    cache_dir = data_args.image_cache_dir or images.default_cache_dir(model_args.cache_dir)
     skipped: dict = {"train": {}, "validation": {}}  # rows and images left out, by kind
     splits = {}
     wanted = {"train": training_args.do_train, "validation": training_args.do_eval}
@@ -214,7 +215,7 @@ def cli(argv: list[str] | None = None) -> int:
     """main() with set-up and data problems as one line on stderr and exit code 2 (no traceback)."""
     try:
         main(argv)
-    except (ArgumentError, DataError, loading.SetupError, TrainingDiverged) as e:
+    except (ArgumentError, DataError, SetupError, TrainingDiverged) as e:
         print(f"run_clip.py: error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:

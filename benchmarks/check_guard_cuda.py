@@ -21,8 +21,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
-from clip_train.device import settings as device_settings  # noqa: E402
 from clip_train.device import backend
+from clip_train.device import settings as device_settings  # noqa: E402
 from clip_train.device.apex_amp import BackendTrainerMixin  # noqa: E402
 
 RECIPE = {

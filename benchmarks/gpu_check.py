@@ -49,7 +49,8 @@ def prepare(root: str, n_train: int, n_val: int, model: str) -> dict[str, str]:
     from clip_train import demo
     from clip_train.data import images
     from clip_train.data.coco import load_coco_split
-    from clip_train.data.dataset import available_cpus, image_table
+    from clip_train.data.dataset import image_table
+    from clip_train.data.feeding import available_cpus
 
     tag = f"{n_train}-{n_val}-{model}"
     base = os.path.join(root, tag)

@@ -1,4 +1,5 @@
-"""Put a clip-roberta folder together from a vision checkpoint and a text checkpoint (hub ids or local folders)."""
+"""The clip-roberta model: its parts loaded from a folder (one clear line when one is missing), frozen or
+checkpointed towers, and the folder itself put together from a vision and a text checkpoint."""
 
 from __future__ import annotations
 
@@ -6,7 +7,46 @@ import logging
 import os
 from typing import Any
 
+from clip_train.errors import SetupError
+
 logger = logging.getLogger(__name__)
+
+
+def load_part(cls: Any, path: str, what: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(path)`` with one clear message when the folder lacks that part."""
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        if "trust_remote_code" in str(e):
+            raise SetupError(
+                f"The {what} in {path!r} needs Python code from that folder (its auto_map), which is never run "
+                "unless you pass --trust_remote_code; pass it only for a folder you trust."
+            ) from e
+        hint = (
+            f"Could not load the {what} from {path!r}: {str(e).splitlines()[0]}\n"
+            "Give --model_name_or_path a clip-roberta folder made by save_clip_roberta.py (config.json, "
+            "model.safetensors, tokenizer files, preprocessor_config.json); nothing is downloaded here."
+        )
+        raise SetupError(hint) from e
+
+
+def freeze_towers(model: Any, vision: bool, text: bool) -> None:
+    """Frozen towers get requires_grad=False, so autograd does no work for them."""
+    for flag, tower in ((vision, model.vision_model), (text, model.text_model)):
+        if flag:
+            for p in tower.parameters():
+                p.requires_grad_(False)
+
+
+def checkpoint_towers(model: Any, training_args: Any) -> None:
+    """--gradient_checkpointing for the dual encoder, which declares no support for it (the Trainer would raise):
+    checkpoint its two towers instead (both support it) and leave the Trainer's flag off."""
+    if not training_args.activation_checkpointing or model.supports_gradient_checkpointing:
+        return
+    kwargs = training_args.activation_checkpointing_kwargs or None
+    for tower in (model.vision_model, model.text_model):
+        tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    training_args.activation_checkpointing = training_args.gradient_checkpointing = False
 
 
 class AssembleError(Exception):

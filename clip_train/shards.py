@@ -28,8 +28,8 @@ from types import SimpleNamespace
 
 import webdataset as wds
 
-from clip_train.data.coco import DataError
 from clip_train.data.images import BadImage, read_bytes
+from clip_train.errors import DataError
 
 logger = logging.getLogger(__name__)
 

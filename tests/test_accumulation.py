@@ -29,10 +29,10 @@ from transformers import (
     VisionTextDualEncoderModel,
 )
 
-from clip_train.checkpoint.output_dir import complete_checkpoints
+from clip_train.checkpoint.layout import complete_checkpoints
 from clip_train.data.dataset import ClipDataset, Collator, tokenize_captions
-from clip_train.data.rows import checkpoint_towers, freeze_towers
 from clip_train.device import backend
+from clip_train.model import checkpoint_towers, freeze_towers
 from clip_train.train import accumulation
 from clip_train.train.accumulation import grad_cache_step
 from clip_train.train.loss import clip_loss

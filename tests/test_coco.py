@@ -4,7 +4,8 @@ import zipfile
 
 import pytest
 
-from clip_train.data.coco import COLUMNS, DataError, load_coco_split
+from clip_train.data.coco import COLUMNS, load_coco_split
+from clip_train.errors import DataError
 
 
 def extract(src: str, dst: str) -> str:

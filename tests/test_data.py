@@ -70,7 +70,7 @@ def test_feeding_defaults_fill_only_what_the_user_left_unset(tmp_path):
 
     from transformers import TrainingArguments
 
-    from clip_train.data.dataset import available_cpus, feeding_defaults, given_options
+    from clip_train.data.feeding import available_cpus, feeding_defaults, given_options
 
     argv = ["--dataloader_num_workers", "2", "--no_dataloader_pin_memory", "--output_dir=x"]
     assert given_options(argv) >= {"dataloader_num_workers", "dataloader_pin_memory", "output_dir"}

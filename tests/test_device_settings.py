@@ -118,7 +118,7 @@ def _ddp_rank(model_dir: str, out: str) -> None:
     import torch.distributed as dist
     from transformers import AutoModel
 
-    from clip_train.data.rows import freeze_towers
+    from clip_train.model import freeze_towers
     from clip_train.train.loss import clip_loss
 
     dist.init_process_group("gloo")

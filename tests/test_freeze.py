@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer, TrainerCallback, TrainingArguments
 
 from clip_train.data.dataset import ClipDataset, Collator, tokenize_captions
-from clip_train.data.rows import freeze_towers
+from clip_train.model import freeze_towers
 from clip_train.train.trainer import ClipTrainer
 
 CAPTIONS = ["a red circle", "a photo of a big blue square", "there is a triangle that is green",

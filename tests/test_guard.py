@@ -11,7 +11,7 @@ from conftest import RECIPE
 from test_apex_amp import BackendTrainer, all_finite, apex_calls, make_trainer, scheduler_steps
 
 from clip_train.device import backend
-from clip_train.device.nonfinite import TrainingDiverged
+from clip_train.errors import TrainingDiverged
 
 # --- injected non-finite gradients on every path ------------------------------------------------------------------
 NATIVE_FP16_CPU = "native fp16 + torch.amp.GradScaler('cpu') + fused AdamW"

@@ -17,7 +17,7 @@ from conftest import REPO
 from test_resume import finish, losses, start, train_cmd
 
 from clip_train.checkpoint.integrity import HASH, MARKER, verify
-from clip_train.data.rows import SetupError
+from clip_train.errors import SetupError
 
 STEPS = 12  # saves at 4, 8, 12; the last two are kept
 FILES = ["model.safetensors", "optimizer.pt", "rng_state.pth", "trainer_state.json"]

@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from test_launchers import TEST_DIR, TIMEOUT, _env, launch_sh
 
-from clip_train.launch import cli as launch
+from clip_train.checkpoint.layout import last_complete_step
 from clip_train.launch import runfolder
+from clip_train.launch.plan import _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,7 +191,7 @@ def test_sigterm_saves_the_step_it_stopped_at_and_the_rerun_resumes_there(
     console = _finish(proc)
     assert proc.returncode == 128 + signal.SIGTERM, console[-4000:]
     run = tmp_path / "out/0/clip_bs8_2p_acc"
-    step = runfolder.last_complete_step(run)
+    step = last_complete_step(run)
     assert step is not None and 5 <= step < 38
     assert console.splitlines()[-1] == (
         f"[launch] stopped by SIGTERM; the last complete checkpoint is {run}/checkpoint-{step}: "
@@ -229,7 +230,7 @@ def test_run_clip_alone_saves_and_stops_on_sigterm(demo: tuple[str, str], tmp_pa
         proc.wait(timeout=TIMEOUT)
     text = log.read_text()
     assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
-    step = runfolder.last_complete_step(out)
+    step = last_complete_step(out)
     assert step is not None and 1 <= step < 500
     assert text.splitlines()[-1] == (
         f"run_clip.py: stopped by SIGTERM after step {step}; {out}/checkpoint-{step} is complete: "
@@ -238,7 +239,7 @@ def test_run_clip_alone_saves_and_stops_on_sigterm(demo: tuple[str, str], tmp_pa
 
 
 def test_cluster_two_nodes_make_one_training(demo_env: dict[str, str], tmp_path: Path) -> None:
-    port = str(launch._free_port())
+    port = str(_free_port())
     nodes = []
     for rank in (0, 1):
         env = _env(tmp_path, **demo_env, ASCEND_DEVICE_ID=str(rank))

@@ -18,13 +18,16 @@ from pathlib import Path
 
 import pytest
 
+from clip_train.checkpoint.layout import MARKER, last_complete_step
+from clip_train.errors import LaunchError
+from clip_train.eval.recipe_log import recipe_blocks
 from clip_train.launch import cli as launch
-from clip_train.launch import runfolder
-from clip_train.launch.summary import recipe_blocks
+from clip_train.launch import options, runfolder
+from clip_train.launch import plan as launch_plan
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DIR = REPO / "test"
-SCRIPTS = list(launch.PROFILES)
+SCRIPTS = list(options.PROFILES)
 CLUSTER_FLAGS = ["--nnodes=2", "--node_rank=0", "--master_addr=127.0.0.1"]
 TIMEOUT = 600
 
@@ -51,11 +54,11 @@ def dirs(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "coco", tmp_path / "clip-roberta"
 
 
-def plan(script: str, dirs, *args: str, env: dict[str, str], devices=("cpu", 0)) -> launch.Plan:
+def plan(script: str, dirs, *args: str, env: dict[str, str], devices=("cpu", 0)) -> launch_plan.LaunchPlan:
     """The launch a user's line would make; ``devices`` is what the probe would find (no accelerator here)."""
     data, model = dirs
-    opts = launch.parse(script, [f"--data_path={data}", f"--model_path={model}", *args])
-    return launch.make_plan(opts, env, probe=lambda env: devices)
+    opts = options.parse(script, [f"--data_path={data}", f"--model_path={model}", *args])
+    return launch_plan.make_launch_plan(opts, env, probe=lambda env: devices)
 
 
 # The recipe's run_clip.py flags (its 1p script, less --overwrite_output_dir: the launchers resume by default).
@@ -121,7 +124,7 @@ def test_full_1p_runs_the_recipe_command_in_its_case_folder(dirs, tmp_path: Path
     p = plan("full_1p", dirs, env=_env(tmp_path, ASCEND_DEVICE_ID="5"))
     data, model = dirs
     assert (p.family, p.world, p.managed) == ("cpu", 1, True)
-    # One node: c10d on this host, so that every restart gets a fresh store (see launch.make_plan).
+    # One node: c10d on this host, so that every restart gets a fresh store (see make_launch_plan).
     port = p.command[10].rsplit(":", 1)[1]
     assert p.command[:16] == [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--nnodes", "1",
@@ -185,12 +188,12 @@ def test_the_card_ascend_device_id_names_is_the_visible_one(
         "full_1p", dirs, env=_env(tmp_path, ASCEND_DEVICE_ID="2", **{var: "4,5,6,7"}), devices=(family, 4)
     )
     assert p.env[var] == "6"
-    with pytest.raises(launch.LaunchError, match=f"ASCEND_DEVICE_ID=3 but this node has 2 {family.upper()}"):
+    with pytest.raises(LaunchError, match=f"ASCEND_DEVICE_ID=3 but this node has 2 {family.upper()}"):
         plan("full_1p", dirs, env=_env(tmp_path, ASCEND_DEVICE_ID="3", **{var: "4,5"}), devices=(family, 2))
     # Several processes keep every visible card: LOCAL_RANK picks each one's.
     p = plan("full_8p", dirs, env=_env(tmp_path, ASCEND_DEVICE_ID="3"), devices=(family, 8))
     assert var not in p.env_set and p.card == ""
-    with pytest.raises(launch.LaunchError, match=f"this node has 8 {family.upper()} device"):
+    with pytest.raises(LaunchError, match=f"this node has 8 {family.upper()} device"):
         plan("full_8p", dirs, "--nproc_per_node=9", env=_env(tmp_path), devices=(family, 8))
 
 
@@ -220,12 +223,10 @@ def test_recipe_blocks_keep_the_grep_contract() -> None:
 def test_finished_runs_are_set_aside_with_their_finish_time(tmp_path: Path) -> None:
     run = tmp_path / "clip_bs8_1p_perf"
     (run / "checkpoint-4").mkdir(parents=True)
-    assert (
-        runfolder.set_aside(run) is None and runfolder.last_complete_step(run) is None
-    )  # interrupted: stays
-    (run / "checkpoint-4" / runfolder.MARKER).write_text("{}")
+    assert runfolder.set_aside(run) is None and last_complete_step(run) is None  # interrupted: stays
+    (run / "checkpoint-4" / MARKER).write_text("{}")
     (run / "checkpoint-4" / "trainer_state.json").write_text("{}")
-    assert runfolder.last_complete_step(run) == 4
+    assert last_complete_step(run) == 4
     (run / runfolder.FINISHED).write_text("{}")
     os.utime(run / runfolder.FINISHED, (0, 1700000000))
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(1700000000))

@@ -18,8 +18,7 @@ import pytest
 from conftest import REPO
 from safetensors.torch import load_file
 
-from clip_train.checkpoint.output_dir import complete_checkpoints
-from clip_train.checkpoint.saving import MARKER, is_complete
+from clip_train.checkpoint.layout import MARKER, complete_checkpoints, is_complete
 
 # 12 steps an epoch: the kill lands mid-epoch or on its boundary, and the resumed part crosses epoch boundaries.
 MAX_STEPS, SAVE_STEPS, KILL_AFTER = 48, 4, 14

@@ -19,10 +19,11 @@ import pytest
 import webdataset as wds
 from conftest import REPO, run_py
 
-from clip_train.checkpoint.output_dir import complete_checkpoints
-from clip_train.data.coco import DataError, load_coco_split
+from clip_train.checkpoint.layout import complete_checkpoints
+from clip_train.data.coco import load_coco_split
 from clip_train.data.shard_reader import shard_sizes
 from clip_train.data.shard_stream import ShardStream, read_samples
+from clip_train.errors import DataError
 from clip_train.shards import write_shards
 
 

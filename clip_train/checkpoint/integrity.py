@@ -16,7 +16,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import xxhash
 
-MARKER = "checkpoint_complete.json"
+from clip_train.checkpoint.layout import MARKER
+
 HASH = "xxh3_128"
 _CHUNK = 16 << 20
 

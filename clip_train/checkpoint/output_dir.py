@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from typing import Any
@@ -19,30 +18,10 @@ from typing import Any
 import torch.distributed as dist
 
 from clip_train.checkpoint.integrity import Check, differences, read_marker, run_identity, verify
-from clip_train.checkpoint.saving import MARKER, is_complete
-from clip_train.data.rows import SetupError
+from clip_train.checkpoint.layout import MARKER, checkpoints
+from clip_train.errors import SetupError
 
 logger = logging.getLogger(__name__)
-
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def _checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every checkpoint-N folder, oldest first."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        m = _CHECKPOINT.match(name)
-        path = os.path.join(output_dir, name)
-        if m and os.path.isdir(path):
-            found.append((int(m.group(1)), path))
-    return sorted(found)
-
-
-def complete_checkpoints(output_dir: str) -> list[str]:
-    """Checkpoint folders every rank finished writing (they carry checkpoint_complete.json), oldest first."""
-    return [p for _, p in _checkpoints(output_dir) if is_complete(p)]
 
 
 def _check_writable(out: str) -> None:
@@ -127,7 +106,7 @@ def prepare_output_dir(training_args: Any, recipe_args: Any) -> str | None:
             _note_unhashed(asked, check)
         _refuse_finished(asked, training_args, asked=True)
         return asked
-    every = _checkpoints(out)
+    every = checkpoints(out)
     marked = [p for _, p in every if os.path.isfile(os.path.join(p, MARKER))]
     resume, damaged = None, []
     if not recipe_args.overwrite_output_dir:

@@ -28,18 +28,13 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from clip_train.checkpoint.integrity import MARKER, manifest
+from clip_train.checkpoint.integrity import manifest
+from clip_train.checkpoint.layout import MARKER
+from clip_train.errors import ArgumentError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_KEEP = 2
-
-
-def is_complete(checkpoint: str) -> bool:
-    """Whether a checkpoint folder was finished by every rank (and still has its trainer state)."""
-    return os.path.isfile(os.path.join(checkpoint, MARKER)) and os.path.isfile(
-        os.path.join(checkpoint, "trainer_state.json")
-    )
 
 
 def mark_complete(checkpoint: str, global_step: int, world_size: int, run: dict | None = None) -> dict:
@@ -69,8 +64,6 @@ def settle_save_args(training_args: Any) -> None:
             "Keeping the last %d checkpoints (--save_total_limit N to change, 0 keeps all)", DEFAULT_KEEP
         )
     elif limit == 1:
-        from clip_train.config.args import ArgumentError
-
         raise ArgumentError(
             "--save_total_limit 1 can leave no complete checkpoint if the run dies while saving: "
             "use 2 or more (or 0 to keep all)"

@@ -10,8 +10,8 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from clip_train.config import validate
-from clip_train.config.validate import ArgumentError
 from clip_train.device import backend
+from clip_train.errors import ArgumentError
 
 
 @dataclass

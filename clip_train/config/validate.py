@@ -19,14 +19,11 @@ from typing import Any, NamedTuple
 
 from clip_train.config.tables import table_file
 from clip_train.device.backend import OPT_LEVELS, parse_loss_scale
+from clip_train.errors import ArgumentError
 
 logger = logging.getLogger(__name__)
 
 HELP = "python3 run_clip.py --help lists every flag"
-
-
-class ArgumentError(Exception):
-    """A command-line problem; the message says what to change."""
 
 
 Check = Callable[[Any, Any], "str | None"]
@@ -251,7 +248,7 @@ class Surprise(NamedTuple):
 
 
 def _cpus() -> int:
-    from clip_train.data.dataset import available_cpus
+    from clip_train.data.feeding import available_cpus
 
     return available_cpus()
 

@@ -15,14 +15,12 @@ import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 
+from clip_train.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 SPLIT_DIRS = {"train": "train", "validation": "val", "test": "test"}
 COLUMNS = ["image_id", "caption_id", "caption", "height", "width", "file_name", "coco_url", "image_path"]
-
-
-class DataError(Exception):
-    """A data problem the user must fix; the message says what was looked for and how to fix it."""
 
 
 @dataclass

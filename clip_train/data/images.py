@@ -50,6 +50,12 @@ _PARTIAL = re.compile(r"^(?P<base>images-[0-9a-f]+-\d+\.u8(?:\.json)?)\.(?P<host
 STALE_AFTER_S = 24 * 3600
 
 
+def default_cache_dir(cache_dir: str | None) -> str:
+    """Where the decoded-image caches live unless --image_cache_dir says: under --cache_dir, $CLIP_CACHE or ~/.cache."""
+    base = cache_dir or os.environ.get("CLIP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "clip_for_pytorch")
+
+
 class BadImage(Exception):
     """An image that cannot be used: missing, corrupt, truncated or too large."""
 

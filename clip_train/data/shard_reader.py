@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 from webdataset.shardlists import expand_urls
 
-from clip_train.data.coco import DataError
 from clip_train.data.dataset import ClipDataset, tokenize_captions
 from clip_train.data.images import BadImage, decode_image
 from clip_train.data.rows import Split
 from clip_train.data.shard_stream import ShardStream, read_samples
+from clip_train.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ from transformers import TrainerCallback
 from webdataset.filters import shuffle as wds_shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from clip_train.data.coco import DataError
 from clip_train.data.images import BadImage, decode_image
+from clip_train.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-FAMILIES = ("npu", "cuda", "cpu")
+from clip_train.device.families import FAMILIES, VISIBLE_DEVICES_ENV
+
 OPT_LEVELS = ("O0", "O1", "O2", "O3")
 RECIPE_APEX_OPTIM = "adamw_apex_fused_npu"  # the recipe's --optim; not a transformers 5 name
 APEX_OPTIMIZER = "apex_npu_fused"  # Plan.optimizer value: apex.optimizers.NpuFusedAdamW, built by the mixin
@@ -22,7 +23,6 @@ APEX_OPTIMIZER = "apex_npu_fused"  # Plan.optimizer value: apex.optimizers.NpuFu
 PLACEHOLDER_OPTIM = "adamw_torch"
 FUSED_ADAMW = {"npu": "adamw_torch_npu_fused", "cuda": "adamw_torch_fused", "cpu": "adamw_torch_fused"}
 DIST_BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
-VISIBLE_DEVICES_ENV = {"npu": "ASCEND_RT_VISIBLE_DEVICES", "cuda": "CUDA_VISIBLE_DEVICES"}
 # The recipe's start-up settings (ModelZoo CLIP_for_PyTorch run_clip.py, `__main__`).
 NPU_OPTIONS = {"ACL_OP_SELECT_IMPL_MODE": "high_performance", "ACL_OPTYPELIST_FOR_IMPLMODE": "LayerNorm"}
 

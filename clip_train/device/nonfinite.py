@@ -32,16 +32,14 @@ from typing import Any
 
 import torch
 
+from clip_train.errors import TrainingDiverged
+
 logger = logging.getLogger(__name__)
 
 # A dynamic scale from 2**24 reaches 1 in 24 halvings: 32 non-finite steps in a row means the gradients are not
 # finite at any scale (divergence), not an overflow the scale can fix.
 MAX_CONSECUTIVE_SKIPS = 32
 STATIC_BACKOFF = 0.5
-
-
-class TrainingDiverged(RuntimeError):
-    """Training cannot go on without applying non-finite updates; the message says what to change."""
 
 
 def is_finite(norm: torch.Tensor | float | None) -> bool:

@@ -15,12 +15,12 @@ import signal
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING, TextIO
+from typing import TextIO
 
+from clip_train.checkpoint.layout import last_complete_step
+from clip_train.errors import LaunchError
 from clip_train.launch import runfolder, summary
-
-if TYPE_CHECKING:
-    from clip_train.launch.cli import Plan
+from clip_train.launch.plan import LaunchPlan
 
 
 class Tee:
@@ -40,7 +40,7 @@ class Tee:
             sink.flush()
 
 
-def _start_line(plan: Plan) -> str:
+def _start_line(plan: LaunchPlan) -> str:
     where = (
         f"card {plan.card.split('=')[1]} ({plan.card}; the process sees it as {plan.family}:0), "
         if plan.card
@@ -54,7 +54,7 @@ def _start_line(plan: Plan) -> str:
     )
 
 
-def _folder_lines(plan: Plan) -> list[str]:
+def _folder_lines(plan: LaunchPlan) -> list[str]:
     """Set a finished run aside; say whether this launch starts anew or resumes."""
     run_dir, lines = plan.paths.run_dir, []
     if plan.managed:
@@ -63,7 +63,7 @@ def _folder_lines(plan: Plan) -> list[str]:
             lines.append(
                 f"[launch] {run_dir.name}: the finished run there is kept as {aside}; starting a new run"
             )
-    step = runfolder.last_complete_step(run_dir)
+    step = last_complete_step(run_dir)
     if step is not None:
         lines.append(f"[launch] resuming the interrupted run in {run_dir} from checkpoint-{step}")
     else:
@@ -71,9 +71,7 @@ def _folder_lines(plan: Plan) -> list[str]:
     return lines
 
 
-def execute(plan: Plan, started: float, machine: str) -> int:
-    from clip_train.launch.cli import LaunchError
-
+def execute(plan: LaunchPlan, started: float, machine: str) -> int:
     paths = plan.paths
     try:
         paths.log_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +95,7 @@ def execute(plan: Plan, started: float, machine: str) -> int:
             print(line, file=out)
         rc, stopped_by = _run(plan, out)
         if stopped_by:
-            step = runfolder.last_complete_step(paths.run_dir)
+            step = last_complete_step(paths.run_dir)
             where = (
                 f"the last complete checkpoint is {paths.run_dir}/checkpoint-{step}: run the same command again to "
                 "resume from it"
@@ -121,7 +119,7 @@ def execute(plan: Plan, started: float, machine: str) -> int:
     return rc
 
 
-def _run(plan: Plan, out: Tee) -> tuple[int, int]:
+def _run(plan: LaunchPlan, out: Tee) -> tuple[int, int]:
     """Run torchrun, copying its output to ``out``; (exit status, the signal that stopped it or 0)."""
     proc = subprocess.Popen(
         plan.command, env=plan.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True

@@ -23,7 +23,6 @@ from pathlib import Path
 FINISHED = "all_results.json"
 LAUNCH_LOG = "launch.log"
 SUMMARY = "summary.log"
-MARKER = "checkpoint_complete.json"  # clip_train.checkpoint.saving.MARKER
 
 
 @dataclass(frozen=True)
@@ -65,18 +64,3 @@ def set_aside(run_dir: Path) -> Path | None:
         target = Path(f"{base}-{n}")
     os.rename(run_dir, target)
     return target
-
-
-def last_complete_step(run_dir: Path) -> int | None:
-    """The step of the newest complete checkpoint in ``run_dir`` (what a rerun resumes from), None if none.
-
-    The same test as clip_train.checkpoint.saving.is_complete, without importing torch into the launcher.
-    """
-    steps = [
-        int(p.name.split("-", 1)[1])
-        for p in run_dir.glob("checkpoint-*")
-        if p.name.split("-", 1)[1].isdigit()
-        and (p / MARKER).is_file()
-        and (p / "trainer_state.json").is_file()
-    ]
-    return max(steps, default=None)

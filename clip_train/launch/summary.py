@@ -18,19 +18,6 @@ from pathlib import Path
 RECALL_KEYS = ("eval_image_to_text_R@1", "eval_text_to_image_R@1")
 
 
-def recipe_blocks(split: str, metrics: dict) -> list[dict]:
-    """``metrics`` as the blocks to print with ``Trainer.log_metrics``, the recipe's grep contract kept.
-
-    log_metrics pads every key to the longest key of its block, and the recipe reads the FPS with
-    ``grep "train_samples_per_second ="``: so no key longer than that one shares its block. The longer ones
-    (per-device FPS, skip counts) get a second block.
-    """
-    width = len(f"{split}_samples_per_second")
-    first = {k: v for k, v in metrics.items() if len(k) <= width}
-    rest = {k: v for k, v in metrics.items() if len(k) > width}
-    return [block for block in (first, rest) if block]
-
-
 def log_figure(value: float) -> float:
     """A float as Trainer.log_metrics prints it (rounded to 4 places), so the log's grep and the summary agree."""
     return round(value, 4)

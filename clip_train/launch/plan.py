@@ -1,0 +1,239 @@
+"""The launch decided before anything starts: device family and count, the workers' environment, the run
+folder, the one torchrun command (what --dry_run prints)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clip_train.device.families import VISIBLE_DEVICES_ENV
+from clip_train.errors import LaunchError
+from clip_train.launch import runfolder
+from clip_train.launch.options import (
+    MAX_RESTARTS_MULTI,
+    PROFILES,
+    SAVE_STEPS_1P,
+    SAVE_STEPS_MULTI,
+    UINT,
+    Options,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+HCCL_DEFAULTS = {"HCCL_CONNECT_TIMEOUT": 120, "HCCL_EXEC_TIMEOUT": 1836}  # Ascend's own defaults, seconds
+HCCL_CONNECT = "1200"  # multi-node start-ups can take minutes; raised, never lowered
+SHUTDOWN_SECONDS = "120"  # torchrun's wait for workers to save after SIGTERM (its default: 30)
+PROBE = """
+import sys
+try:
+    import torch_npu  # noqa: F401  (registers torch.npu)
+    import torch
+    if torch.npu.device_count() > 0:
+        print("npu", torch.npu.device_count())
+        sys.exit()
+except ImportError:
+    pass
+except Exception as exc:  # torch_npu present but broken: say so, then fall back
+    print(f"[Warning] torch_npu did not load ({exc}); looking for GPUs instead", file=sys.stderr)
+import torch
+print("cuda", torch.cuda.device_count()) if torch.cuda.is_available() else print("cpu", 0)
+"""
+
+
+def probe_devices(env: dict[str, str]) -> tuple[str, int]:
+    """(family, device count) as the workers will see them; the last line is the answer (torch_npu may chat)."""
+    proc = subprocess.run([sys.executable, "-c", PROBE], env=env, stdout=subprocess.PIPE, text=True)
+    words = (proc.stdout.strip().splitlines() or [""])[-1].split()
+    if proc.returncode != 0 or len(words) != 2 or words[0] not in ("npu", "cuda", "cpu"):
+        raise LaunchError(
+            f"could not import torch with {sys.executable}: install requirements.txt, "
+            "or set PYTHON to the python that has torch"
+        )
+    return words[0], int(words[1])
+
+
+def visible_card(family: str, device_id: int, env: dict[str, str]) -> tuple[str, str]:
+    """(variable, value) that makes card ``device_id`` the only one a 1-process run sees.
+
+    If the user already narrowed the cards (e.g. ASCEND_RT_VISIBLE_DEVICES=4,5,6), device_id indexes that list.
+    """
+    var = VISIBLE_DEVICES_ENV[family]
+    given = [c.strip() for c in env.get(var, "").split(",") if c.strip()]
+    if not given:
+        return var, str(device_id)
+    if device_id >= len(given):
+        raise LaunchError(f"ASCEND_DEVICE_ID={device_id} but {var}={env[var]} lists {len(given)} card(s)")
+    return var, given[device_id]
+
+
+def _local_ip(master_addr: str) -> str:
+    """The address this node reaches the master from: the one the other nodes can reach it on."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((master_addr, 9))  # UDP: no packet is sent
+            return s.getsockname()[0]
+        except OSError:
+            return socket.gethostbyname(socket.gethostname())
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+@dataclass
+class LaunchPlan:
+    """Everything the launch does, decided before anything starts (what --dry_run prints)."""
+
+    profile: str
+    family: str
+    ndev: int
+    nproc: int
+    world: int
+    node_rank: int
+    env: dict[str, str]  # the workers' environment
+    env_set: dict[str, str]  # what the launcher set in it (shown by --dry_run)
+    run_args: dict[str, list[str]]
+    command: list[str]
+    paths: runfolder.RunPaths
+    managed: bool  # the run folder is the launcher's (not a user --output_dir): finished runs are set aside
+    case: str
+    batch_size: int
+    model_name: str
+    card: str = ""  # the physical card of a 1-process run on an accelerator, e.g. ASCEND_RT_VISIBLE_DEVICES=3
+    notes: list[str] = field(default_factory=list)
+
+
+def make_launch_plan(opts: Options, environ: dict[str, str], probe=probe_devices) -> LaunchPlan:
+    env = dict(environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"  # the tee'd log follows the run live
+    set_: dict[str, str] = {}
+    kind, _, _, multi = PROFILES[opts.profile]
+    device_id = env.get("ASCEND_DEVICE_ID", "0")
+    if not UINT.fullmatch(device_id):
+        raise LaunchError(f"ASCEND_DEVICE_ID must be a device number (got '{device_id}')")
+    data, model = opts.get("data_path"), opts.get("model_path")
+    if "demo" in opts.switches and not (data and model):
+        made = subprocess.run(
+            [sys.executable, "-m", "clip_train.demo", "--print-paths"],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        if made.returncode != 0:
+            raise LaunchError("building the demo data/model failed (see above)")
+        found = dict(line.split("=", 1) for line in made.stdout.splitlines() if "=" in line)
+        data, model = data or found.get("data_dir", ""), model or found.get("model_dir", "")
+    if not data:
+        raise LaunchError("--data_path is required (or --demo)", True)
+    if not model:
+        raise LaunchError("--model_path is required (or --demo)", True)
+    if not os.path.isdir(data):
+        raise LaunchError(f"--data_path={data} is not a directory: point it at the COCO 2017 folder")
+    if not os.path.isdir(model):
+        raise LaunchError(
+            f"--model_path={model} is not a directory: point it at the clip-roberta folder "
+            "(python3 save_clip_roberta.py makes one)"
+        )
+
+    family, ndev = probe(env)
+    nproc_flag = opts.get("nproc_per_node")
+    nproc = max(ndev, 1) if nproc_flag == "auto" else int(nproc_flag)
+    if family != "cpu" and nproc > ndev:
+        raise LaunchError(
+            f"--nproc_per_node={nproc} but this node has {ndev} {family.upper()} device(s): use --nproc_per_node=auto"
+        )
+    nnodes, node_rank = int(opts.get("nnodes")), int(opts.get("node_rank"))
+    world = nnodes * nproc
+    card, notes = "", []
+    if world == 1 and family != "cpu":
+        if int(device_id) >= ndev:
+            raise LaunchError(
+                f"ASCEND_DEVICE_ID={device_id} but this node has {ndev} {family.upper()} device(s)"
+            )
+        var, value = visible_card(family, int(device_id), env)
+        set_[var] = value
+        card = f"{var}={value}"
+    master_addr = opts.get("master_addr")
+    if family == "npu":  # collective-communication settings for HCCL, on Ascend hosts only
+        set_["HCCL_WHITELIST_DISABLE"] = env.get("HCCL_WHITELIST_DISABLE", "1")
+        set_["HCCL_CONNECT_TIMEOUT"] = env.get("HCCL_CONNECT_TIMEOUT", HCCL_CONNECT)
+        for var, default in HCCL_DEFAULTS.items():
+            if var in env and env[var].isdigit() and int(env[var]) < default:
+                notes.append(
+                    f"[Warning] {var}={env[var]} is below Ascend's default ({default} s): kept as you set it"
+                )
+        if nnodes > 1:
+            set_["HCCL_IF_IP"] = env.get("HCCL_IF_IP") or _local_ip(master_addr)
+    set_["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_SECONDS)
+    env.update(set_)
+
+    batch = opts.get("batch_size")
+    args: dict[str, list[str]] = {}
+    args["output_dir"] = []  # filled below, once the case name is known; first as in the recipe
+    args.update(num_train_epochs=[opts.get("train_epochs")], model_name_or_path=[model], data_dir=[data])
+    args.update(dataset_name=["ydshieh/coco_dataset_script"], dataset_config_name=["2017"])
+    if family != "cpu":  # on CPU run_clip.py picks the loader workers itself
+        args["dataloader_num_workers"] = [str(min(8, max(1, (os.cpu_count() or 1) // nproc)))]
+    args.update(image_column=["image_path"], caption_column=["caption"], remove_unused_columns=["False"])
+    args.update(do_train=[], do_eval=[], fp16=[], dataloader_drop_last=[], fp16_opt_level=["O2"])
+    args.update(loss_scale=["12800000"], optim=["adamw_apex_fused_npu"], use_combine_grad=[])
+    args.update(per_device_train_batch_size=[batch], per_device_eval_batch_size=[batch])
+    args.update(learning_rate=["5e-5"], warmup_steps=["0"], weight_decay=["0.1"], skip_steps=["10"])
+    if "demo" in opts.switches:  # the demo's towers start from random weights: they need a larger step
+        args.update(learning_rate=["5e-4"], logging_steps=["10"])
+    args["save_steps"] = [str(SAVE_STEPS_MULTI if multi else SAVE_STEPS_1P)]
+    if multi and family == "npu":  # the recipe's Ascend value; run_clip.py picks each family's otherwise
+        args["ddp_bucket_cap_mb"] = ["150"]
+    if kind == "perf":
+        args["max_steps"] = ["1000"]
+    if family == "cpu":  # transformers 5 sets up DDP on a CPU-only host only with use_cpu
+        args["use_cpu"] = []
+    for name, values in opts.passthrough:  # the user's win, in place
+        args[name] = values
+    batch = args["per_device_train_batch_size"][0] if args["per_device_train_batch_size"] else batch
+    model_name = opts.get("model_name")
+    case = runfolder.case_name(model_name, batch, world, kind)
+    user_out = args["output_dir"][0] if args["output_dir"] else None
+    paths = runfolder.run_paths(
+        Path(env.get("OUTPUT_ROOT") or REPO / "test" / "output"), device_id, case, user_out
+    )
+    args["output_dir"] = [str(paths.run_dir)]
+
+    restarts = opts.get("max_restarts") or str(MAX_RESTARTS_MULTI if world > 1 else 0)
+    port = opts.get("master_port") or (_free_port() if nnodes == 1 else "29500")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    if nnodes == 1:
+        # c10d on this host, each restart with a fresh store: with the static rendezvous the restarted workers
+        # share the first attempt's store and can read a dead worker's address from it, and hang.
+        command += ["--nnodes", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}"]
+        command += ["--local_addr", "127.0.0.1"]  # not the host name, which need not resolve
+        set_["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    else:  # the static rendezvous keeps --node_rank (c10d would rank the nodes in its own order)
+        command += ["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--master_addr", master_addr]
+        command += ["--master_port", port]
+    command += ["--max_restarts", restarts, str(REPO / "run_clip.py")]
+    for name, values in args.items():
+        command += [f"--{name}", *values]
+    return LaunchPlan(
+        opts.profile, family, ndev, nproc, world, node_rank, env, set_, args, command, paths,
+        managed=user_out is None, case=case, batch_size=int(batch) if batch.isdigit() else 0,
+        model_name=model_name, card=card, notes=notes,
+    )  # fmt: skip
+
+
+def dry_run_text(plan: LaunchPlan) -> str:
+    lines = [f"family={plan.family} devices={plan.ndev} world_size={plan.world}"]
+    lines += [f"env: {k}={v}" for k, v in sorted(plan.env_set.items())]
+    lines += [
+        f"log={plan.paths.log_file}",
+        f"summary={plan.paths.summary_file}",
+        f"run_dir={plan.paths.run_dir}",
+    ]
+    return "\n".join([*lines, "command: " + shlex.join(plan.command)])
