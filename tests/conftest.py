@@ -12,6 +12,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STANDINS = Path(__file__).resolve().parent / "standins"
 S = 12800000.0  # the recipe's --loss_scale
+LAUNCH_TIMEOUT = 600
 RECIPE = {"fp16": True, "bf16": False, "fp16_opt_level": "O2", "loss_scale": "12800000"}
 
 
@@ -44,6 +45,22 @@ def run_py(args: list[str], timeout: int = 600, env: dict | None = None) -> subp
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def launcher_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """The environment a user's shell gives the launchers, minus any device settings of this machine."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HCCL_", "ASCEND_", "CUDA_VISIBLE"))}
+    env.update(PYTHON=sys.executable, OUTPUT_ROOT=str(tmp / "out"), CANN_ROOT=str(tmp / "no-cann"))
+    env.update(extra)
+    return env
+
+
+def launch_sh(script: str, *args: str, env: dict[str, str], **kw) -> subprocess.CompletedProcess:
+    """bash test/train_clip_<script>.sh ARGS, as a user types it."""
+    return subprocess.run(
+        ["bash", os.path.join(REPO, "test", f"train_clip_{script}.sh"), *args],
+        env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, **kw,
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -85,3 +102,11 @@ def spawn_ranks(argv: list[str], world: int = 2, env: dict | None = None, timeou
     outputs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
     assert [p.returncode for p in procs] == [0] * world, "".join(o[-3000:] for o in outputs)
     return outputs
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/runs/ is a whole run (processes, launchers, kills): ``-m "not runs"`` leaves it out."""
+    runs = Path(__file__).resolve().parent / "runs"
+    for item in items:
+        if runs in Path(item.fspath).resolve().parents:
+            item.add_marker(pytest.mark.runs)

@@ -17,13 +17,14 @@ import time
 from pathlib import Path
 
 import pytest
-from test_launchers import TEST_DIR, TIMEOUT, _env, launch_sh
+from conftest import LAUNCH_TIMEOUT, launch_sh, launcher_env
 
 from clip_train.checkpoint.layout import last_complete_step
 from clip_train.launch import runfolder
 from clip_train.launch.plan import _free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+TEST_DIR = REPO / "test"
 
 
 # ---- real training runs on the embedded demo -----------------------------------------------------------------------
@@ -36,13 +37,15 @@ HEAL = [*TRAIN, "--nproc_per_node=2", "--max_steps=38", "--save_steps=5"]
 
 
 @pytest.fixture(scope="session")
-def demo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def demolauncher_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """One demo build and one token/image cache shared by every training test of the session; the demo is made
     before any launcher asks for it, so that the two nodes of the cluster test do not race to build it."""
     root = tmp_path_factory.mktemp("clip-demo")
     env = {"CLIP_DEMO_ROOT": str(root / "demo"), "CLIP_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "clip_train.demo", "--print-paths"]
-    subprocess.run(command, env={**os.environ, **env, "PYTHONPATH": str(REPO)}, check=True, timeout=TIMEOUT)
+    subprocess.run(
+        command, env={**os.environ, **env, "PYTHONPATH": str(REPO)}, check=True, timeout=LAUNCH_TIMEOUT
+    )
     return env
 
 
@@ -83,7 +86,7 @@ def check_run(out: Path, case: str, console: str, steps: int) -> tuple[dict[str,
 def sequence(demo_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict:
     """performance_1p, full_1p, then full_8p on 2 processes, in one OUTPUT_ROOT, as a user runs them."""
     tmp = tmp_path_factory.mktemp("sequence")
-    env, runs = _env(tmp, **demo_env), {}
+    env, runs = launcher_env(tmp, **demo_env), {}
     for script, flags, case, steps in [
         ("performance_1p", [*TRAIN, "--max_steps=4"], "clip_bs8_1p_perf", 4),
         ("full_1p", [*TRAIN, "--max_steps=3"], "clip_bs8_1p_acc", 3),
@@ -148,7 +151,7 @@ def _start(args: list[str], env: dict[str, str], script: str = "full_8p") -> sub
 
 
 def _finish(proc: subprocess.Popen) -> str:
-    return proc.communicate(timeout=TIMEOUT)[0]
+    return proc.communicate(timeout=LAUNCH_TIMEOUT)[0]
 
 
 def _workers(launcher_pid: int) -> list[int]:
@@ -159,7 +162,7 @@ def _workers(launcher_pid: int) -> list[int]:
 
 
 def _wait_for(log: Path, text: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + TIMEOUT
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
     while time.monotonic() < deadline and proc.poll() is None:
         if log.is_file() and text in log.read_text(errors="replace"):
             return
@@ -227,7 +230,7 @@ def test_run_clip_alone_saves_and_stops_on_sigterm(demo: tuple[str, str], tmp_pa
         STARTED.append(proc)
         _wait_for(log, "'loss'", proc)
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=TIMEOUT)
+        proc.wait(timeout=LAUNCH_TIMEOUT)
     text = log.read_text()
     assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
     step = last_complete_step(out)
@@ -242,7 +245,7 @@ def test_cluster_two_nodes_make_one_training(demo_env: dict[str, str], tmp_path:
     port = str(_free_port())
     nodes = []
     for rank in (0, 1):
-        env = _env(tmp_path, **demo_env, ASCEND_DEVICE_ID=str(rank))
+        env = launcher_env(tmp_path, **demo_env, ASCEND_DEVICE_ID=str(rank))
         flags = ["--nnodes=2", f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
         nodes.append(_start([*TRAIN, "--max_steps=4", *flags, "--nproc_per_node=1"], env, "cluster"))
     outputs = [_finish(node) for node in nodes]

@@ -362,7 +362,7 @@ def _dist_worker(out: str) -> None:
 
 
 def test_two_ranks_on_gloo_train_one_model(tmp_path) -> None:
-    repo = str(Path(__file__).resolve().parent.parent)
+    repo = str(Path(__file__).resolve().parents[3])
     spawn_ranks(
         [__file__, str(tmp_path)], env={"PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
     )

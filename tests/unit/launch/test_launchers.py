@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import launch_sh, launcher_env
 
 from clip_train.checkpoint.layout import MARKER, last_complete_step
 from clip_train.errors import LaunchError
@@ -25,25 +26,10 @@ from clip_train.launch import cli as launch
 from clip_train.launch import options, runfolder
 from clip_train.launch import plan as launch_plan
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 TEST_DIR = REPO / "test"
 SCRIPTS = list(options.PROFILES)
 CLUSTER_FLAGS = ["--nnodes=2", "--node_rank=0", "--master_addr=127.0.0.1"]
-TIMEOUT = 600
-
-
-def _env(tmp: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HCCL_", "ASCEND_", "CUDA_VISIBLE"))}
-    env.update(PYTHON=sys.executable, OUTPUT_ROOT=str(tmp / "out"), CANN_ROOT=str(tmp / "no-cann"))
-    env.update(extra)
-    return env
-
-
-def launch_sh(script: str, *args: str, env: dict[str, str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["bash", str(TEST_DIR / f"train_clip_{script}.sh"), *args],
-        env=env, capture_output=True, text=True, timeout=TIMEOUT, **kw,
-    )  # fmt: skip
 
 
 @pytest.fixture
@@ -121,7 +107,7 @@ def test_help_goes_to_stdout(capsys) -> None:
 
 
 def test_full_1p_runs_the_recipe_command_in_its_case_folder(dirs, tmp_path: Path) -> None:
-    p = plan("full_1p", dirs, env=_env(tmp_path, ASCEND_DEVICE_ID="5"))
+    p = plan("full_1p", dirs, env=launcher_env(tmp_path, ASCEND_DEVICE_ID="5"))
     data, model = dirs
     assert (p.family, p.world, p.managed) == ("cpu", 1, True)
     # One node: c10d on this host, so that every restart gets a fresh store (see make_launch_plan).
@@ -149,7 +135,7 @@ def test_user_flags_win_over_the_defaults(dirs, tmp_path: Path) -> None:
     user += (
         "--report_to tensorboard none --batch_size=16 --model_name=clipx --max_steps=7 --nproc_per_node=auto"
     )
-    p = plan("performance_8p", dirs, *shlex.split(user), env=_env(tmp_path))
+    p = plan("performance_8p", dirs, *shlex.split(user), env=launcher_env(tmp_path))
     assert p.world == 1 and p.command[p.command.index("--max_restarts") + 1] == "0"  # auto on CPU: 1 process
     flags = p.run_args
     assert flags["output_dir"] == [f"{tmp_path}/mine"] and not p.managed  # a user's folder is never renamed
@@ -162,7 +148,7 @@ def test_user_flags_win_over_the_defaults(dirs, tmp_path: Path) -> None:
 
 
 def test_multi_card_profiles_restart_and_use_the_8p_recipe(dirs, tmp_path: Path) -> None:
-    p = plan("cluster", dirs, *CLUSTER_FLAGS, "--master_port=29611", env=_env(tmp_path))
+    p = plan("cluster", dirs, *CLUSTER_FLAGS, "--master_port=29611", env=launcher_env(tmp_path))
     assert p.world == 16  # 2 nodes x the default 8 processes (gloo allows any count)
     assert p.command[3:17] == [
         "--nproc_per_node", "8", "--nnodes", "2", "--node_rank", "0", "--master_addr", "127.0.0.1",
@@ -170,7 +156,7 @@ def test_multi_card_profiles_restart_and_use_the_8p_recipe(dirs, tmp_path: Path)
     ]  # fmt: skip
     assert p.run_args["save_steps"] == ["15000"] and "ddp_bucket_cap_mb" not in p.run_args  # CPU host
     assert "max_steps" not in p.run_args and p.case == "clip_bs64_16p_acc"
-    p = plan("full_8p", dirs, "--max_restarts=0", env=_env(tmp_path))
+    p = plan("full_8p", dirs, "--max_restarts=0", env=launcher_env(tmp_path))
     assert p.command[p.command.index("--max_restarts") + 1] == "0"
 
 
@@ -180,31 +166,39 @@ def test_multi_card_profiles_restart_and_use_the_8p_recipe(dirs, tmp_path: Path)
 def test_the_card_ascend_device_id_names_is_the_visible_one(
     family: str, var: str, dirs, tmp_path: Path
 ) -> None:
-    p = plan("full_1p", dirs, env=_env(tmp_path, ASCEND_DEVICE_ID="3"), devices=(family, 8))
+    p = plan("full_1p", dirs, env=launcher_env(tmp_path, ASCEND_DEVICE_ID="3"), devices=(family, 8))
     assert p.env[var] == "3" and p.env_set[var] == "3" and p.card == f"{var}=3"
     assert "device_id" not in p.run_args and "use_cpu" not in p.run_args  # the process sees it as <family>:0
     # The user narrowed the cards already: ASCEND_DEVICE_ID indexes their list.
     p = plan(
-        "full_1p", dirs, env=_env(tmp_path, ASCEND_DEVICE_ID="2", **{var: "4,5,6,7"}), devices=(family, 4)
+        "full_1p",
+        dirs,
+        env=launcher_env(tmp_path, ASCEND_DEVICE_ID="2", **{var: "4,5,6,7"}),
+        devices=(family, 4),
     )
     assert p.env[var] == "6"
     with pytest.raises(LaunchError, match=f"ASCEND_DEVICE_ID=3 but this node has 2 {family.upper()}"):
-        plan("full_1p", dirs, env=_env(tmp_path, ASCEND_DEVICE_ID="3", **{var: "4,5"}), devices=(family, 2))
+        plan(
+            "full_1p",
+            dirs,
+            env=launcher_env(tmp_path, ASCEND_DEVICE_ID="3", **{var: "4,5"}),
+            devices=(family, 2),
+        )
     # Several processes keep every visible card: LOCAL_RANK picks each one's.
-    p = plan("full_8p", dirs, env=_env(tmp_path, ASCEND_DEVICE_ID="3"), devices=(family, 8))
+    p = plan("full_8p", dirs, env=launcher_env(tmp_path, ASCEND_DEVICE_ID="3"), devices=(family, 8))
     assert var not in p.env_set and p.card == ""
     with pytest.raises(LaunchError, match=f"this node has 8 {family.upper()} device"):
-        plan("full_8p", dirs, "--nproc_per_node=9", env=_env(tmp_path), devices=(family, 8))
+        plan("full_8p", dirs, "--nproc_per_node=9", env=launcher_env(tmp_path), devices=(family, 8))
 
 
 def test_hccl_timeouts_are_never_lowered(dirs, tmp_path: Path) -> None:
-    p = plan("full_8p", dirs, env=_env(tmp_path), devices=("npu", 8))
+    p = plan("full_8p", dirs, env=launcher_env(tmp_path), devices=("npu", 8))
     assert p.env["HCCL_CONNECT_TIMEOUT"] == "1200" and "HCCL_EXEC_TIMEOUT" not in p.env  # Ascend's 1836 stays
     assert p.env["HCCL_WHITELIST_DISABLE"] == "1" and "HCCL_IF_IP" not in p.env and not p.notes
     assert p.run_args["ddp_bucket_cap_mb"] == ["150"]  # the recipe's Ascend bucket, on Ascend only
-    p = plan("full_8p", dirs, env=_env(tmp_path, HCCL_EXEC_TIMEOUT="600"), devices=("npu", 8))
+    p = plan("full_8p", dirs, env=launcher_env(tmp_path, HCCL_EXEC_TIMEOUT="600"), devices=("npu", 8))
     assert p.env["HCCL_EXEC_TIMEOUT"] == "600" and "below Ascend's default (1836 s)" in p.notes[0]
-    p = plan("cluster", dirs, *CLUSTER_FLAGS, env=_env(tmp_path), devices=("npu", 8))
+    p = plan("cluster", dirs, *CLUSTER_FLAGS, env=launcher_env(tmp_path), devices=("npu", 8))
     assert p.env["HCCL_IF_IP"].count(".") == 3
 
 
@@ -250,7 +244,7 @@ def _fake_npu(tmp_path: Path) -> Path:
 
 
 def test_bash_dry_run_probes_the_npu_and_picks_the_card(dirs, tmp_path: Path) -> None:
-    env = _env(tmp_path, PYTHONPATH=str(_fake_npu(tmp_path)), ASCEND_DEVICE_ID="3")
+    env = launcher_env(tmp_path, PYTHONPATH=str(_fake_npu(tmp_path)), ASCEND_DEVICE_ID="3")
     data, model = dirs
     proc = launch_sh("full_1p", f"--data_path={data}", f"--model_path={model}", "--dry_run", env=env)
     assert proc.returncode == 0, proc.stderr
@@ -263,13 +257,13 @@ def test_bash_dry_run_probes_the_npu_and_picks_the_card(dirs, tmp_path: Path) ->
 
 
 def test_no_python_is_one_line(tmp_path: Path) -> None:
-    proc = launch_sh("full_1p", "--demo", env=_env(tmp_path, PYTHON=str(tmp_path / "nope")))
+    proc = launch_sh("full_1p", "--demo", env=launcher_env(tmp_path, PYTHON=str(tmp_path / "nope")))
     assert proc.returncode == 1 and proc.stderr.startswith("[Error] no python at")
 
 
 def test_env_npu_is_silent_and_harmless_without_cann(tmp_path: Path) -> None:
     script = f"set -u; env -0 > {tmp_path}/before; source {TEST_DIR}/env_npu.sh; env -0 > {tmp_path}/after"
-    proc = subprocess.run(["bash", "-c", script], env=_env(tmp_path), capture_output=True, text=True)
+    proc = subprocess.run(["bash", "-c", script], env=launcher_env(tmp_path), capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout == "" and proc.stderr == ""
     assert (tmp_path / "before").read_bytes() == (tmp_path / "after").read_bytes()
 
@@ -282,7 +276,7 @@ def test_env_npu_sources_cann_quietly(tmp_path: Path) -> None:
     script = (
         f"set -u; source {TEST_DIR}/env_npu.sh; echo $ASCEND_TOOLKIT_HOME $TASK_QUEUE_ENABLE $LD_LIBRARY_PATH"
     )
-    env = _env(tmp_path, CANN_ROOT=str(tmp_path / "cann"), LD_LIBRARY_PATH="/x")
+    env = launcher_env(tmp_path, CANN_ROOT=str(tmp_path / "cann"), LD_LIBRARY_PATH="/x")
     proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stderr == ""
     assert proc.stdout.split() == [str(toolkit), "2", f"{tmp_path}/cann/driver/lib64/driver:/x"]
@@ -298,7 +292,7 @@ def test_failed_training_exits_nonzero_and_leaves_no_summary(dirs, tmp_path: Pat
     stale.parent.mkdir(parents=True)
     stale.write_text("ActualFPS = 999\n")
     args = (f"--data_path={data}", f"--model_path={model}", "--learning_rate=fast")
-    proc = launch_sh("full_1p", *args, env=_env(tmp_path))
+    proc = launch_sh("full_1p", *args, env=launcher_env(tmp_path))
     assert proc.returncode != 0 and not stale.exists()
     log = (tmp_path / "out/0/train_0.log").read_text()
     assert "[Error] training exited with status" in log and "Final Performance" not in log

@@ -160,10 +160,10 @@ def _ddp_rank(model_dir: str, out: str) -> None:
 
 def test_every_trainable_parameter_gets_a_gradient_without_find_unused(demo, tmp_path) -> None:
     _, model_dir = demo
-    repo = str(Path(__file__).resolve().parent.parent)
+    repo = str(Path(__file__).resolve().parents[3])
     spawn_ranks(
         [__file__, model_dir, str(tmp_path)],
-        env={"PYTHONPATH": repo + os.pathsep + str(Path(__file__).parent)},
+        env={"PYTHONPATH": repo + os.pathsep + str(Path(__file__).parents[2])},  # tests/: conftest
     )
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for report in reports:
