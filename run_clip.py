@@ -25,7 +25,7 @@ from transformers import (
 from clip_train import model as model_parts
 from clip_train.checkpoint import output_dir as outputs
 from clip_train.checkpoint import saving as checkpointing
-from clip_train.checkpoint.preemption import Preempted, PreemptionGuard
+from clip_train.checkpoint.preemption import Preempted, PreemptionHandler
 from clip_train.config.args import parse_args, plan_backend
 from clip_train.data import dataset as data
 from clip_train.data import feeding, images
@@ -160,11 +160,11 @@ def main(argv: list[str] | None = None) -> dict:
         retrieval=recipe_args.retrieval_eval,
         pad_id=tokenizer.pad_token_id,
         backend_plan=plan,
-        callbacks=[checkpointing.CheckpointGuard(recipe_args.save_minutes, run_id)]
+        callbacks=[checkpointing.CheckpointMarker(recipe_args.save_minutes, run_id)]
         + ([LogitScaleClamp(recipe_args.max_logit_scale)] if recipe_args.max_logit_scale else []),
     )
     results: dict = {**skipped["train"], **skipped["validation"]}
-    preemption = PreemptionGuard()  # SIGTERM / Ctrl-C: save at the end of the step, then stop
+    preemption = PreemptionHandler()  # SIGTERM / Ctrl-C: save at the end of the step, then stop
     trainer.add_callback(preemption)
 
     # 6. Training ----------------------------------------------------------------------------------------------

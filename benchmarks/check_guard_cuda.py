@@ -76,7 +76,7 @@ def rows(n: int) -> list[dict]:
 def run(
     flags: dict, steps: int, width: int, depth: int, batch: int, poison=(), cls=Guarded, log_every=1
 ) -> dict:
-    plan = backend.make_plan("cuda", **flags)
+    plan = backend.make_backend_plan("cuda", **flags)
     args = TrainingArguments(
         output_dir="/tmp/guard_check", max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-3,
         logging_steps=log_every, save_strategy="no", report_to="none", disable_tqdm=True,

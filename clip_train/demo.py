@@ -22,6 +22,8 @@ import zipfile
 
 from PIL import Image, ImageDraw
 
+from clip_train.model import build_clip_roberta
+
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (240, 220, 20),
     "purple": (140, 40, 170), "orange": (250, 140, 10), "white": (250, 250, 250), "black": (15, 15, 15),
@@ -173,8 +175,6 @@ def prepare(root: str | None = None, n_train: int = 600, n_val: int = 100) -> tu
     """Make the demo data and model once under ``root`` (atomically); return (data_dir, model_dir)."""
     import torch
     from transformers.utils import logging as hf_logging
-
-    from clip_train.model import build_clip_roberta
 
     hf_logging.set_verbosity_error()  # the towers' load reports are expected here and only noise
     root = root or default_root()

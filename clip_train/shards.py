@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import webdataset as wds
 
 from clip_train.data.images import BadImage, read_bytes
+from clip_train.data.rows import load_rows  # the same row readers as run_clip.py
 from clip_train.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -115,8 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(levelname)s - %(message)s", level=logging.INFO)
-
-    from clip_train.data.rows import load_rows  # the same row readers as run_clip.py
 
     data_args = SimpleNamespace(
         train_file=args.file if args.split == "train" else None,

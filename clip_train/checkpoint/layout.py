@@ -1,7 +1,7 @@
 """Where checkpoints live and when one is whole: torch-free, so the launcher reads run folders with it too.
 
 A checkpoint folder is ``checkpoint-N`` under the run's output_dir; it is complete once every rank finished
-writing it, which ``CheckpointGuard`` records in the marker file (saving.py) beside the Trainer's state.
+writing it, which ``CheckpointMarker`` records in the marker file (saving.py) beside the Trainer's state.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Schedulers send SIGTERM some time before SIGKILL (torchrun forwards it to its workers and waits
 ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds, 30 by default). During training the signal only raises a flag; at the
 end of each optimizer step the ranks agree on it, and all of them ask the Trainer for a save and a stop at that same
-step, so ``CheckpointGuard`` marks the checkpoint complete as for any save. run_clip.py then raises ``Preempted``
+step, so ``CheckpointMarker`` marks the checkpoint complete as for any save. run_clip.py then raises ``Preempted``
 and exits 128 + the signal number with one line naming the checkpoint. A second Ctrl-C interrupts at once.
 
 Agreement costs one all-reduce of one CPU int per step on a gloo group (the world group on CPU, a gloo side group
@@ -42,7 +42,7 @@ class Preempted(Exception):
         super().__init__(f"stopped by {name} after step {step}; {where}")
 
 
-class PreemptionGuard(TrainerCallback):
+class PreemptionHandler(TrainerCallback):
     """Turns SIGTERM / SIGINT during training into a save-and-stop at a step every rank agrees on."""
 
     def __init__(self) -> None:

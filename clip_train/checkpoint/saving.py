@@ -2,7 +2,7 @@
 
 The Trainer writes a checkpoint's files from several ranks with no barrier between them (rank 0 writes the
 weights, optimizer and trainer_state.json; every rank writes its rng_state_<rank>.pth), so no single file proves
-the folder is whole. ``CheckpointGuard.on_save`` waits until every rank has reached it (so all have finished
+the folder is whole. ``CheckpointMarker.on_save`` waits until every rank has reached it (so all have finished
 writing), then rank 0 writes ``checkpoint_complete.json``; resuming only ever uses folders that have it. The
 marker lists every file rank 0 sees then, with its size and hash, and the run's identity (see integrity.py).
 On one node, or nodes sharing the output folder, that is every rank's file; with per-node disks and
@@ -79,7 +79,7 @@ def _from_rank0(value: float, args: Any) -> float:
     return float(t.item())
 
 
-class CheckpointGuard(TrainerCallback):
+class CheckpointMarker(TrainerCallback):
     """Marks finished checkpoints and saves at least every ``save_minutes`` of wall time (0: only the marker)."""
 
     def __init__(self, save_minutes: float, run: dict | None = None) -> None:

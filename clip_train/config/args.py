@@ -216,7 +216,7 @@ def parse_args(argv: list[str] | None = None) -> tuple:
 def plan_backend(training_args: TrainingArguments, recipe_args: RecipeArguments) -> tuple:
     """The device/precision plan for these flags on this host, and TrainingArguments that carry it out."""
     try:
-        plan = backend.make_plan(
+        plan = backend.make_backend_plan(
             backend.detect_family(),
             fp16=training_args.fp16,
             bf16=training_args.bf16,

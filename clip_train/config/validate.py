@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from clip_train.config.tables import table_file
+from clip_train.data.coco import COLUMNS
+from clip_train.data.feeding import available_cpus
 from clip_train.device.backend import OPT_LEVELS, parse_loss_scale
 from clip_train.errors import ArgumentError
 
@@ -149,7 +151,6 @@ def json_object(v: Any, a: Any) -> str | None:
 
 def coco_column(v: Any, a: Any) -> str | None:
     """Without --train_file / --validation_file the rows are COCO's, so the column must be one of them."""
-    from clip_train.data.coco import COLUMNS
 
     if a.train_file or a.validation_file or v is None or v in COLUMNS:
         return None
@@ -248,7 +249,6 @@ class Surprise(NamedTuple):
 
 
 def _cpus() -> int:
-    from clip_train.data.feeding import available_cpus
 
     return available_cpus()
 

@@ -21,14 +21,14 @@ from typing import Any
 
 import torch
 
-from clip_train.device.backend import APEX_OPTIMIZER, Plan, describe_precision, make_grad_scaler
-from clip_train.device.nonfinite import STATIC_BACKOFF, NonFiniteGuardMixin, logger
+from clip_train.device.backend import APEX_OPTIMIZER, BackendPlan, describe_precision, make_grad_scaler
+from clip_train.device.nonfinite import STATIC_BACKOFF, NonFiniteStepMixin, logger
 
 
-class BackendTrainerMixin(NonFiniteGuardMixin):
+class BackendTrainerMixin(NonFiniteStepMixin):
     """Put before `Trainer` in the bases: `class ClipTrainer(BackendTrainerMixin, Trainer)`; pass `backend_plan=`."""
 
-    def __init__(self, *args: Any, backend_plan: Plan | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, backend_plan: BackendPlan | None = None, **kwargs: Any) -> None:
         self.backend_plan = backend_plan
         self._amp = None  # the apex.amp module once amp.initialize ran
         self._raw_optimizer = None  # the optimizer before accelerate wraps it

@@ -1,6 +1,6 @@
 """One code path for Ascend NPU, NVIDIA GPU and CPU: what to run on, in which precision, with which optimizer.
 
-`make_plan` is pure: it turns the device family and the recipe's flags into a `Plan`. `training_args_overrides` /
+`make_backend_plan` is pure: it turns the device family and the recipe's flags into a `BackendPlan`. `training_args_overrides` /
 `apply_plan` hand the plan to a transformers `TrainingArguments`; `apex_amp.BackendTrainerMixin` does the rest
 (apex amp on Ascend, a static GradScaler for the native fp16 path).
 """
@@ -18,7 +18,9 @@ from clip_train.device.families import FAMILIES, VISIBLE_DEVICES_ENV
 
 OPT_LEVELS = ("O0", "O1", "O2", "O3")
 RECIPE_APEX_OPTIM = "adamw_apex_fused_npu"  # the recipe's --optim; not a transformers 5 name
-APEX_OPTIMIZER = "apex_npu_fused"  # Plan.optimizer value: apex.optimizers.NpuFusedAdamW, built by the mixin
+APEX_OPTIMIZER = (
+    "apex_npu_fused"  # BackendPlan.optimizer value: apex.optimizers.NpuFusedAdamW, built by the mixin
+)
 # What TrainingArguments.optim says while the mixin builds the apex optimizer itself.
 PLACEHOLDER_OPTIM = "adamw_torch"
 FUSED_ADAMW = {"npu": "adamw_torch_npu_fused", "cuda": "adamw_torch_fused", "cpu": "adamw_torch_fused"}
@@ -28,7 +30,7 @@ NPU_OPTIONS = {"ACL_OP_SELECT_IMPL_MODE": "high_performance", "ACL_OPTYPELIST_FO
 
 
 @dataclass
-class Plan:
+class BackendPlan:
     family: str  # npu | cuda | cpu
     device: str  # the torch device this process trains on
     dist_backend: str | None  # hccl | nccl | gloo when distributed, else None
@@ -98,7 +100,7 @@ def parse_loss_scale(value: float | int | str | None) -> float | str:
     return scale
 
 
-def make_plan(
+def make_backend_plan(
     family: str,
     *,
     fp16: bool,
@@ -111,7 +113,7 @@ def make_plan(
     world_size: int = 1,
     local_rank: int = -1,
     device_id: int = 0,
-) -> Plan:
+) -> BackendPlan:
     """Decide device, distribution, precision, loss scaling and optimizer for one process."""
     if family not in FAMILIES:
         raise ValueError(f"unknown device family {family!r}; expected one of {', '.join(FAMILIES)}")
@@ -123,7 +125,7 @@ def make_plan(
     _check_apex_combinations(fp16, fp16_opt_level, optim, use_combine_grad)
     notes: list[str] = []
     device, dist_backend = _device(family, world_size, local_rank, device_id, notes)
-    plan = Plan(
+    plan = BackendPlan(
         family, device, dist_backend, world_size, "fp32", "none", None, None, optim, False, notes=notes
     )
 
@@ -183,7 +185,7 @@ def _device(family: str, world_size: int, local_rank: int, device_id: int, notes
     return f"{family}:0", None
 
 
-def _apex_fp16(plan: Plan, opt_level: str, scale: float | str, combine_grad: bool) -> None:
+def _apex_fp16(plan: BackendPlan, opt_level: str, scale: float | str, combine_grad: bool) -> None:
     plan.amp, plan.opt_level, plan.loss_scale, plan.combine_grad = "apex", opt_level, scale, combine_grad
     plan.precision = "fp32" if opt_level == "O0" else "fp16"
     if opt_level in ("O2", "O3"):
@@ -201,7 +203,7 @@ def _apex_fp16(plan: Plan, opt_level: str, scale: float | str, combine_grad: boo
         )
 
 
-def _native_fp16(plan: Plan, opt_level: str, scale: float | str, apex_available: bool) -> None:
+def _native_fp16(plan: BackendPlan, opt_level: str, scale: float | str, apex_available: bool) -> None:
     family = plan.family
     plan.precision, plan.amp = "fp16", "native"
     if family == "npu" and not apex_available:
@@ -230,7 +232,7 @@ def _native_fp16(plan: Plan, opt_level: str, scale: float | str, apex_available:
         )
 
 
-def _native_optimizer(plan: Plan, combine_grad: bool) -> None:
+def _native_optimizer(plan: BackendPlan, combine_grad: bool) -> None:
     family, requested = plan.family, plan.optimizer
     fused = FUSED_ADAMW[family]
     if requested == RECIPE_APEX_OPTIM:
@@ -257,7 +259,7 @@ def _native_optimizer(plan: Plan, combine_grad: bool) -> None:
         )
 
 
-def describe_precision(plan: Plan) -> str:
+def describe_precision(plan: BackendPlan) -> str:
     """What computes in which precision, and what was asked instead when that cannot run here."""
     precision = plan.precision
     if plan.amp == "apex":
@@ -269,7 +271,7 @@ def describe_precision(plan: Plan) -> str:
     return precision
 
 
-def describe(plan: Plan) -> str:
+def describe(plan: BackendPlan) -> str:
     """The one start-up line: family, device, world size, backend, precision, loss scaling, optimizer, settings."""
     precision = describe_precision(plan)
     if plan.loss_scale is None:
@@ -295,7 +297,7 @@ def parser_defaults(family: str) -> dict[str, Any]:
     return {"use_cpu": True} if family == "cpu" else {}
 
 
-def training_args_overrides(plan: Plan) -> dict[str, Any]:
+def training_args_overrides(plan: BackendPlan) -> dict[str, Any]:
     """TrainingArguments fields that make a transformers 5 Trainer do what the plan says."""
     overrides: dict[str, Any] = {
         # apex does its own casting and scaling: accelerate must not autocast or GradScale on top of it.
@@ -310,12 +312,12 @@ def training_args_overrides(plan: Plan) -> dict[str, Any]:
     return overrides
 
 
-def apply_plan(training_args: Any, plan: Plan) -> Any:
+def apply_plan(training_args: Any, plan: BackendPlan) -> Any:
     """A copy of `training_args` (re-validated by its __post_init__) with the plan's fields set."""
     return dataclasses.replace(training_args, **training_args_overrides(plan))
 
 
-def make_grad_scaler(plan: Plan) -> Any | None:
+def make_grad_scaler(plan: BackendPlan) -> Any | None:
     """The GradScaler the native fp16 path needs when accelerate's default (dynamic, 2**16) is not it."""
     if plan.amp != "native" or plan.precision != "fp16":
         return None

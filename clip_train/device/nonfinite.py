@@ -62,7 +62,7 @@ def check_finite_weights(model: torch.nn.Module, what: str) -> None:
                 )
 
 
-class NonFiniteGuardMixin:
+class NonFiniteStepMixin:
     """Trainer mixin (before `Trainer` in the bases). Subclasses may override `_backend_skip_pending` and
     `_lower_static_scale` for scalers the Trainer does not know (apex)."""
 

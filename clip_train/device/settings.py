@@ -26,12 +26,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from clip_train.device.backend import Plan
+from clip_train.device.backend import BackendPlan
 
 BUCKET_CAP_MB = {"npu": 150, "cuda": 25}
 
 
-def choose(training_args: Any, plan: Plan, given: set[str]) -> dict[str, Any]:
+def choose(training_args: Any, plan: BackendPlan, given: set[str]) -> dict[str, Any]:
     """Set the per-family defaults on `training_args` (in place) for flags not in `given`; returns what was set."""
     chosen: dict[str, Any] = {}
 
@@ -66,7 +66,7 @@ def choose(training_args: Any, plan: Plan, given: set[str]) -> dict[str, Any]:
     return chosen
 
 
-def one_device_per_process(training_args: Any, plan: Plan) -> str | None:
+def one_device_per_process(training_args: Any, plan: BackendPlan) -> str | None:
     """Without torchrun, train on one GPU (cuda:0) however many are visible; returns the note to log, if any."""
     if plan.distributed or plan.family != "cuda":
         return None

@@ -226,14 +226,14 @@ def test_output_dir_rules(tmp_path):
 
 
 def test_save_clock_projects_saves_and_looks_again_after_an_evaluation(tmp_path):
-    """CheckpointGuard alone, driven like the Trainer drives it, with real sleeps as the steps' work."""
+    """CheckpointMarker alone, driven like the Trainer drives it, with real sleeps as the steps' work."""
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from clip_train.checkpoint.saving import CheckpointGuard
+    from clip_train.checkpoint.saving import CheckpointMarker
 
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     state, control = TrainerState(), TrainerControl()
-    guard = CheckpointGuard(save_minutes=0.005)  # 300 ms
+    guard = CheckpointMarker(save_minutes=0.005)  # 300 ms
     guard.on_train_begin(args, state, control)
     saved = []
 

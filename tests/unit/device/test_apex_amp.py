@@ -40,7 +40,7 @@ class BackendTrainer(BackendTrainerMixin, Trainer):
 
 
 def make_trainer(
-    out: Path, plan: backend.Plan, steps: int, cls: type = BackendTrainer, poison=(), **kw
+    out: Path, plan: backend.BackendPlan, steps: int, cls: type = BackendTrainer, poison=(), **kw
 ) -> Trainer:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(64, 8, generator=g)
@@ -83,7 +83,7 @@ def test_recipe_static_scale_overflows_are_skipped_and_the_scale_lowered(standin
     import apex
 
     assert backend.ascend_apex_available()
-    plan = backend.make_plan(
+    plan = backend.make_backend_plan(
         "npu", **RECIPE, optim="adamw_apex_fused_npu", use_combine_grad=True, apex_available=True
     )
     trainer = make_trainer(tmp_path, plan, steps=16)
@@ -115,7 +115,7 @@ def test_without_the_guard_a_static_scale_makes_the_weights_nan(standins, tmp_pa
         def _guarded_step(self, optimizer, original, *args, **kwargs):
             return original(*args, **kwargs)
 
-    plan = backend.make_plan(
+    plan = backend.make_backend_plan(
         "npu", **RECIPE, optim="adamw_apex_fused_npu", use_combine_grad=True, apex_available=True
     )
     trainer = make_trainer(tmp_path, plan, steps=2, cls=Unguarded)
@@ -146,7 +146,7 @@ class Unfixed(Snapshot):
 
 @pytest.mark.parametrize("cls", [Snapshot, Unfixed], ids=["fixed", "old-order"])
 def test_apex_o2_resume_keeps_adam_moments_in_fp32(standins, tmp_path, cls) -> None:
-    plan = backend.make_plan("npu", **{**RECIPE, "loss_scale": "dynamic"}, optim="adamw_apex_fused_npu",
+    plan = backend.make_backend_plan("npu", **{**RECIPE, "loss_scale": "dynamic"}, optim="adamw_apex_fused_npu",
                              apex_available=True)  # fmt: skip
     first = make_trainer(tmp_path, plan, steps=3, save_strategy="steps", save_steps=3, learning_rate=1e-4)
     first.train()
@@ -207,7 +207,7 @@ def test_apex_patches_module_zero_grad_globally_and_uninstall_restores_it(standi
 
 
 def test_apex_without_combine_grad_clips_the_master_params(standins, tmp_path) -> None:
-    plan = backend.make_plan(
+    plan = backend.make_backend_plan(
         "npu", **{**RECIPE, "loss_scale": None}, optim="adamw_torch", apex_available=True
     )
     trainer = make_trainer(tmp_path, plan, steps=4)
@@ -234,7 +234,7 @@ NPU_NATIVE_COMBINED = {
 def test_without_apex_torch_npu_fused_optimizer_clips_its_combined_grads(standins, tmp_path) -> None:
     import torch_npu
 
-    plan = backend.make_plan("npu", **NPU_NATIVE_COMBINED)
+    plan = backend.make_backend_plan("npu", **NPU_NATIVE_COMBINED)
     trainer = make_trainer(tmp_path, plan, steps=3)
     trainer.train()
     assert isinstance(trainer.optimizer.optimizer, torch_npu.optim.NpuFusedAdamW)
@@ -251,7 +251,7 @@ def test_torch2_zero_grad_would_detach_torch_npu_combined_grads(standins, tmp_pa
             return Trainer.training_step(self, model, inputs, num_items_in_batch)
 
     trainer = make_trainer(
-        tmp_path, backend.make_plan("npu", **NPU_NATIVE_COMBINED), steps=2, cls=WithoutHook
+        tmp_path, backend.make_backend_plan("npu", **NPU_NATIVE_COMBINED), steps=2, cls=WithoutHook
     )
     with pytest.raises(RuntimeError, match="no longer its combined-buffer tensor"):
         trainer.train()
@@ -260,7 +260,7 @@ def test_torch2_zero_grad_would_detach_torch_npu_combined_grads(standins, tmp_pa
 def test_native_npu_fp16_gets_a_static_grad_scaler(standins, tmp_path) -> None:
     import torch_npu
 
-    plan = backend.make_plan("npu", **RECIPE, optim="adamw_apex_fused_npu", apex_available=False)
+    plan = backend.make_backend_plan("npu", **RECIPE, optim="adamw_apex_fused_npu", apex_available=False)
     trainer = make_trainer(tmp_path, plan, steps=1)
     assert trainer.args.fp16 and trainer.args.optim == "adamw_torch_npu_fused"
     trainer.accelerator.scaler = "accelerate's dynamic default"  # made only on a real NPU; stand in for it
@@ -270,7 +270,7 @@ def test_native_npu_fp16_gets_a_static_grad_scaler(standins, tmp_path) -> None:
 
 
 def test_off_the_apex_path_the_trainer_runs_unchanged(tmp_path) -> None:
-    plan = backend.make_plan("cpu", fp16=False, bf16=False, optim="adamw_torch")
+    plan = backend.make_backend_plan("cpu", fp16=False, bf16=False, optim="adamw_torch")
     trainer = make_trainer(tmp_path, plan, steps=2)
     trainer.train()
     assert "backward" not in vars(trainer.accelerator) and "zero_grad" not in vars(trainer.model)

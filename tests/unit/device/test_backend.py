@@ -13,9 +13,9 @@ from conftest import RECIPE, S, spawn_ranks
 from torch import nn
 
 from clip_train.device import backend
-from clip_train.device.backend import APEX_OPTIMIZER, Plan, make_plan
+from clip_train.device.backend import APEX_OPTIMIZER, BackendPlan, make_backend_plan
 
-# (family, flags, expected plan fields). Flags not given take make_plan's defaults.
+# (family, flags, expected plan fields). Flags not given take make_backend_plan's defaults.
 PLAN_TABLE = [
     # Ascend with apex: the recipe path.
     (
@@ -103,7 +103,7 @@ PLAN_TABLE = [
 
 @pytest.mark.parametrize(("family", "flags", "expected"), PLAN_TABLE)
 def test_plan_table(family: str, flags: dict, expected: dict) -> None:
-    plan = make_plan(family, **flags)
+    plan = make_backend_plan(family, **flags)
     got = {key: getattr(plan, key) for key in expected}
     assert got == expected, plan.notes
     assert all(isinstance(n, str) and "\n" not in n for n in plan.notes)
@@ -132,7 +132,7 @@ def test_plan_table(family: str, flags: dict, expected: dict) -> None:
     ],
 )
 def test_plan_notes_say_what_changed(family: str, flags: dict, says: str) -> None:
-    notes = " ".join(make_plan(family, **flags).notes)
+    notes = " ".join(make_backend_plan(family, **flags).notes)
     assert any(part in notes for part in says.split("|")), notes
 
 
@@ -147,24 +147,32 @@ def test_plan_notes_say_what_changed(family: str, flags: dict, says: str) -> Non
     ],
 )
 def test_device_and_backend_under_torchrun(family, world_size, local_rank, device, dist) -> None:
-    plan = make_plan(family, fp16=False, bf16=False, world_size=world_size, local_rank=local_rank)
+    plan = make_backend_plan(family, fp16=False, bf16=False, world_size=world_size, local_rank=local_rank)
     assert (plan.device, plan.dist_backend, plan.world_size) == (device, dist, world_size)
 
 
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: make_plan("tpu", fp16=False, bf16=False), "unknown device family"),
-        (lambda: make_plan("cpu", fp16=True, bf16=True), "only one"),
-        (lambda: make_plan("npu", fp16=True, bf16=False, fp16_opt_level="O4"), "O0, O1, O2, O3"),
-        (lambda: make_plan("npu", fp16=True, bf16=False, loss_scale="big"), "positive number or 'dynamic'"),
-        (lambda: make_plan("npu", fp16=True, bf16=False, loss_scale=0), "positive number or 'dynamic'"),
+        (lambda: make_backend_plan("tpu", fp16=False, bf16=False), "unknown device family"),
+        (lambda: make_backend_plan("cpu", fp16=True, bf16=True), "only one"),
+        (lambda: make_backend_plan("npu", fp16=True, bf16=False, fp16_opt_level="O4"), "O0, O1, O2, O3"),
         (
-            lambda: make_plan("npu", **{**RECIPE, "fp16_opt_level": "O3"}, optim="adamw_apex_fused_npu"),
+            lambda: make_backend_plan("npu", fp16=True, bf16=False, loss_scale="big"),
+            "positive number or 'dynamic'",
+        ),
+        (
+            lambda: make_backend_plan("npu", fp16=True, bf16=False, loss_scale=0),
+            "positive number or 'dynamic'",
+        ),
+        (
+            lambda: make_backend_plan(
+                "npu", **{**RECIPE, "fp16_opt_level": "O3"}, optim="adamw_apex_fused_npu"
+            ),
             "NPU fused optimizer only with O1 or O2",
         ),
         (
-            lambda: make_plan("cuda", **{**RECIPE, "fp16_opt_level": "O0"}, use_combine_grad=True),
+            lambda: make_backend_plan("cuda", **{**RECIPE, "fp16_opt_level": "O0"}, use_combine_grad=True),
             "combines gradients only with O1 or O2",
         ),
     ],
@@ -175,7 +183,7 @@ def test_bad_input_gets_a_clear_error(call, message: str) -> None:
 
 
 def test_describe_is_one_line_with_everything() -> None:
-    plan = make_plan(
+    plan = make_backend_plan(
         "npu", **RECIPE, optim="adamw_apex_fused_npu", use_combine_grad=True, apex_available=True, world_size=8,
         local_rank=3,
     )  # fmt: skip
@@ -184,33 +192,37 @@ def test_describe_is_one_line_with_everything() -> None:
         "backend: npu | device npu:3 | world size 8 | dist hccl | precision fp16 (apex amp O2) | "
         "loss scale static 12800000 | optimizer apex NpuFusedAdamW + combined grads"
     )
-    cuda = backend.describe(make_plan("cuda", **RECIPE))
+    cuda = backend.describe(make_backend_plan("cuda", **RECIPE))
     assert (
         "precision fp16 (torch.autocast, fp32 weights) INSTEAD OF apex O2: apex amp runs only on Ascend | "
         "loss scale dynamic from 12800000 | optimizer adamw_torch_fused"
     ) in cuda
-    npu = backend.describe(make_plan("npu", **RECIPE, optim="adamw_apex_fused_npu", apex_available=False))
+    npu = backend.describe(
+        make_backend_plan("npu", **RECIPE, optim="adamw_apex_fused_npu", apex_available=False)
+    )
     assert (
         "precision fp16 (torch.autocast, fp32 weights) INSTEAD OF apex O2: Ascend apex not installed" in npu
     )
-    assert "INSTEAD OF" not in backend.describe(make_plan("cuda", **{**RECIPE, "fp16_opt_level": "O1"}))
-    assert "loss scale none" in backend.describe(make_plan("cpu", fp16=False, bf16=True))
+    assert "INSTEAD OF" not in backend.describe(
+        make_backend_plan("cuda", **{**RECIPE, "fp16_opt_level": "O1"})
+    )
+    assert "loss scale none" in backend.describe(make_backend_plan("cpu", fp16=False, bf16=True))
 
 
 @pytest.mark.parametrize(
     ("plan", "expected"),
     [
-        (make_plan("npu", **RECIPE, optim="adamw_apex_fused_npu", apex_available=True),
+        (make_backend_plan("npu", **RECIPE, optim="adamw_apex_fused_npu", apex_available=True),
          {"fp16": False, "bf16": False, "use_cpu": False, "optim": "adamw_torch"}),
-        (make_plan("npu", **RECIPE, optim="adamw_apex_fused_npu", world_size=8, local_rank=0),
+        (make_backend_plan("npu", **RECIPE, optim="adamw_apex_fused_npu", world_size=8, local_rank=0),
          {"fp16": True, "bf16": False, "use_cpu": False, "optim": "adamw_torch_npu_fused", "ddp_backend": "hccl"}),
-        (make_plan("cuda", fp16=False, bf16=True, world_size=2, local_rank=1),
+        (make_backend_plan("cuda", fp16=False, bf16=True, world_size=2, local_rank=1),
          {"fp16": False, "bf16": True, "use_cpu": False, "optim": "adamw_torch_fused", "ddp_backend": "nccl"}),
-        (make_plan("cpu", **RECIPE),
+        (make_backend_plan("cpu", **RECIPE),
          {"fp16": False, "bf16": False, "use_cpu": True, "optim": "adamw_torch_fused"}),
     ],
 )  # fmt: skip
-def test_training_args_overrides(plan: Plan, expected: dict) -> None:
+def test_training_args_overrides(plan: BackendPlan, expected: dict) -> None:
     assert backend.training_args_overrides(plan) == expected
 
 
@@ -249,16 +261,18 @@ def test_set_npu_options_and_synchronize(standins) -> None:
 def test_make_grad_scaler(standins) -> None:
     import torch_npu
 
-    static = backend.make_grad_scaler(make_plan("npu", **RECIPE))
+    static = backend.make_grad_scaler(make_backend_plan("npu", **RECIPE))
     assert (static.get_scale(), static.dynamic) == (S, False)
-    assert backend.make_grad_scaler(make_plan("npu", **{**RECIPE, "loss_scale": "dynamic"})) is None
-    assert backend.make_grad_scaler(make_plan("npu", **RECIPE, apex_available=True)) is None  # apex scales
-    assert backend.make_grad_scaler(make_plan("cpu", fp16=False, bf16=True)) is None
+    assert backend.make_grad_scaler(make_backend_plan("npu", **{**RECIPE, "loss_scale": "dynamic"})) is None
+    assert (
+        backend.make_grad_scaler(make_backend_plan("npu", **RECIPE, apex_available=True)) is None
+    )  # apex scales
+    assert backend.make_grad_scaler(make_backend_plan("cpu", fp16=False, bf16=True)) is None
     assert [c for c in torch_npu.npu.CALLS if c[0] == "GradScaler"] == [
         ("GradScaler", {"init_scale": S, "dynamic": False})
     ]
     with pytest.warns(UserWarning):  # no CUDA here: torch disables the scaler, but it is the right one
-        cuda = backend.make_grad_scaler(make_plan("cuda", **RECIPE))
+        cuda = backend.make_grad_scaler(make_backend_plan("cuda", **RECIPE))
     assert isinstance(cuda, torch.amp.GradScaler) and cuda._device == "cuda"
 
 
@@ -311,7 +325,7 @@ def test_cpu_bf16_parses_only_with_parser_defaults(tmp_path) -> None:
 def test_cpu_fp16_runs_fp32_and_says_so(tmp_path) -> None:
     args = training_args(str(tmp_path), ["--fp16"], "cpu")
     assert args.mixed_precision == "fp16"  # what transformers would claim while computing in fp32
-    plan = make_plan("cpu", fp16=args.fp16, bf16=args.bf16)
+    plan = make_backend_plan("cpu", fp16=args.fp16, bf16=args.bf16)
     args = backend.apply_plan(args, plan)
     assert (args.fp16, args.mixed_precision, plan.precision) == (False, "no", "fp32")
 
@@ -321,7 +335,7 @@ def test_cpu_bf16_trainer_trains(tmp_path) -> None:
 
     args = training_args(str(tmp_path), ["--bf16", "--max_steps", "24", "--learning_rate", "0.02",
                                          "--per_device_train_batch_size", "16", "--logging_steps", "1"], "cpu")  # fmt: skip
-    plan = make_plan("cpu", fp16=args.fp16, bf16=args.bf16, optim=args.optim.value)
+    plan = make_backend_plan("cpu", fp16=args.fp16, bf16=args.bf16, optim=args.optim.value)
     args = backend.apply_plan(args, plan)
     model = Tiny()
     trainer = Trainer(model=model, args=args, train_dataset=regression_rows())
@@ -341,7 +355,7 @@ def _dist_worker(out: str) -> None:
 
     family = backend.detect_family()
     args = training_args(out, ["--bf16", "--max_steps", "3", "--per_device_train_batch_size", "4"], family)
-    plan = make_plan(
+    plan = make_backend_plan(
         family, fp16=args.fp16, bf16=args.bf16, world_size=int(os.environ["WORLD_SIZE"]),
         local_rank=int(os.environ["LOCAL_RANK"]),
     )  # fmt: skip

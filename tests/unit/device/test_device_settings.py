@@ -41,7 +41,7 @@ def parsed(tmp_path, argv: list[str] = ()) -> TrainingArguments:
 )
 def test_per_family_ddp_settings_are_stated(tmp_path, family, expected) -> None:
     args = parsed(tmp_path)
-    plan = backend.make_plan(family, fp16=False, bf16=True, world_size=8, local_rank=0)
+    plan = backend.make_backend_plan(family, fp16=False, bf16=True, world_size=8, local_rank=0)
     device_settings.choose(args, plan, given=set())
     assert tuple(getattr(args, f) for f in FLAGS) == expected
     line = backend.describe(plan)
@@ -62,7 +62,7 @@ def test_given_flags_are_kept(tmp_path) -> None:
         "True",
     ]
     args = parsed(tmp_path, argv)
-    plan = backend.make_plan("cuda", fp16=False, bf16=True, world_size=2, local_rank=0)
+    plan = backend.make_backend_plan("cuda", fp16=False, bf16=True, world_size=2, local_rank=0)
     chosen = device_settings.choose(args, plan, given={"ddp_find_unused_parameters", "ddp_bucket_cap_mb",
                                                        "logging_nan_inf_filter"})  # fmt: skip
     assert chosen == {"ddp_broadcast_buffers": False}
@@ -80,7 +80,7 @@ def test_tf32_only_for_fp32_on_cuda(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(device_settings, "_enable_tf32", lambda: calls.append(True))
     for precision, given, want in (("fp32", set(), True), ("bf16", set(), None), ("fp32", {"tf32"}, None)):
         args = parsed(tmp_path)
-        plan = backend.make_plan("cuda", fp16=False, bf16=precision == "bf16")
+        plan = backend.make_backend_plan("cuda", fp16=False, bf16=precision == "bf16")
         device_settings.choose(args, plan, given)
         assert args.tf32 is want and ("tf32 on" in backend.describe(plan)) == bool(want)
     assert calls == [True]
@@ -101,7 +101,7 @@ def test_a_direct_multi_gpu_launch_trains_on_one_gpu_not_dataparallel(tmp_path) 
     args = parsed(tmp_path, ["--per_device_train_batch_size", "4"])
     args._n_gpu = 2  # what TrainingArguments finds on a host with 2 visible GPUs and no torchrun
     assert isinstance(Trainer(model=Tiny(), args=args)._wrap_model(Tiny()), nn.DataParallel)
-    plan = backend.make_plan("cuda", fp16=False, bf16=False)
+    plan = backend.make_backend_plan("cuda", fp16=False, bf16=False)
     device_settings.choose(args, plan, given=set())
     assert args.n_gpu == 1 and args.train_batch_size == 4
     model = Tiny()
@@ -109,7 +109,7 @@ def test_a_direct_multi_gpu_launch_trains_on_one_gpu_not_dataparallel(tmp_path) 
     assert any(
         "2 GPUs visible but one process (no torchrun): training on cuda:0 only" in n for n in plan.notes
     )
-    under_torchrun = backend.make_plan("cuda", fp16=False, bf16=False, world_size=2, local_rank=0)
+    under_torchrun = backend.make_backend_plan("cuda", fp16=False, bf16=False, world_size=2, local_rank=0)
     assert device_settings.one_device_per_process(args, under_torchrun) is None
 
 
@@ -124,7 +124,7 @@ def _ddp_rank(model_dir: str, out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     args = parsed(out)
-    plan = backend.make_plan("cpu", fp16=False, bf16=False, world_size=2, local_rank=rank)
+    plan = backend.make_backend_plan("cpu", fp16=False, bf16=False, world_size=2, local_rank=rank)
     device_settings.choose(args, plan, given=set())
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
     freeze_towers(model, vision=True, text=False)
@@ -213,7 +213,7 @@ def test_o3_with_the_apex_fused_optimizer_is_one_clear_error(capsys, tmp_path) -
         assert len(err) == 1 and err[0].startswith("run_clip.py: error: --fp16_opt_level O3 with"), err
         assert "only with O1 or O2" in err[0]
     with pytest.raises(ValueError, match="only with O1 or O2"):
-        backend.make_plan("npu", **{**RECIPE, "fp16_opt_level": "O0"}, optim="adamw_apex_fused_npu")
+        backend.make_backend_plan("npu", **{**RECIPE, "fp16_opt_level": "O0"}, optim="adamw_apex_fused_npu")
 
 
 if __name__ == "__main__":  # a rank of test_every_trainable_parameter_gets_a_gradient_without_find_unused

@@ -16,16 +16,16 @@ from clip_train.errors import TrainingDiverged
 # --- injected non-finite gradients on every path ------------------------------------------------------------------
 NATIVE_FP16_CPU = "native fp16 + torch.amp.GradScaler('cpu') + fused AdamW"
 PATHS = {
-    "fp32": lambda: backend.make_plan("cpu", fp16=False, bf16=False),
-    "bf16": lambda: backend.make_plan("cpu", fp16=False, bf16=True),
-    NATIVE_FP16_CPU: lambda: backend.make_plan("npu", **{**RECIPE, "loss_scale": "dynamic"}, optim="adamw_torch_fused"),
-    "torch_npu static GradScaler": lambda: backend.make_plan(
+    "fp32": lambda: backend.make_backend_plan("cpu", fp16=False, bf16=False),
+    "bf16": lambda: backend.make_backend_plan("cpu", fp16=False, bf16=True),
+    NATIVE_FP16_CPU: lambda: backend.make_backend_plan("npu", **{**RECIPE, "loss_scale": "dynamic"}, optim="adamw_torch_fused"),
+    "torch_npu static GradScaler": lambda: backend.make_backend_plan(
         "npu", **{**RECIPE, "loss_scale": "1024"}, optim="adamw_apex_fused_npu", use_combine_grad=True
     ),
-    "apex O2 dynamic": lambda: backend.make_plan(
+    "apex O2 dynamic": lambda: backend.make_backend_plan(
         "npu", **{**RECIPE, "loss_scale": "dynamic"}, optim="adamw_apex_fused_npu", apex_available=True
     ),
-    "apex O2 static": lambda: backend.make_plan(
+    "apex O2 static": lambda: backend.make_backend_plan(
         "npu", **{**RECIPE, "loss_scale": "1024"}, optim="adamw_apex_fused_npu", use_combine_grad=True,
         apex_available=True,
     ),
@@ -76,7 +76,7 @@ def test_a_diverging_run_stops_with_a_clear_error_and_saves_no_nan(tmp_path) -> 
     class QuickToGiveUp(BackendTrainer):
         max_consecutive_skips = 3
 
-    plan = backend.make_plan("cpu", fp16=False, bf16=False, optim="adamw_torch")
+    plan = backend.make_backend_plan("cpu", fp16=False, bf16=False, optim="adamw_torch")
     trainer = make_trainer(
         tmp_path, plan, steps=40, cls=QuickToGiveUp, learning_rate=1e36, save_strategy="steps", save_steps=1,
         save_total_limit=0,
@@ -93,7 +93,7 @@ def test_a_diverging_run_stops_with_a_clear_error_and_saves_no_nan(tmp_path) -> 
 
 
 def test_nonfinite_weights_are_never_saved(tmp_path) -> None:
-    trainer = make_trainer(tmp_path, backend.make_plan("cpu", fp16=False, bf16=False), steps=1)
+    trainer = make_trainer(tmp_path, backend.make_backend_plan("cpu", fp16=False, bf16=False), steps=1)
     with torch.no_grad():
         trainer.model.head.bias.fill_(float("nan"))
     with pytest.raises(TrainingDiverged, match="parameter head.bias is not finite"):
@@ -103,7 +103,7 @@ def test_nonfinite_weights_are_never_saved(tmp_path) -> None:
 
 def test_without_the_trainers_filter_logged_losses_stay_finite(tmp_path) -> None:
     """On accelerators device_settings turns the Trainer's syncing loss filter off; the guard filters on the device."""
-    plan = backend.make_plan("cpu", fp16=False, bf16=False)
+    plan = backend.make_backend_plan("cpu", fp16=False, bf16=False)
     trainer = make_trainer(
         tmp_path, plan, steps=6, poison=(2, 5), logging_steps=3, logging_nan_inf_filter=False
     )

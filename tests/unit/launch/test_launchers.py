@@ -1,6 +1,6 @@
 """The launchers (test/train_clip_*.sh over clip_train/launch.py): flags, the command they build, the run folders.
 
-Argument handling and the command are checked in-process through ``make_plan`` (nothing launched); the device
+Argument handling and the command are checked in-process through ``make_launch_plan`` (nothing launched); the device
 probe is replaced there by a stated answer, because no NPU or GPU exists on this machine (one dry run goes through
 bash with a stand-in torch_npu package to cover the real probe). Training runs are real bash, real torchrun, real
 gloo processes on the embedded demo, with a handful of steps.
@@ -303,9 +303,9 @@ def test_preemption_guard_turns_a_signal_into_save_and_stop(tmp_path: Path) -> N
 
     from transformers import TrainerControl
 
-    from clip_train.checkpoint.preemption import Preempted, PreemptionGuard
+    from clip_train.checkpoint.preemption import Preempted, PreemptionHandler
 
-    guard, args, control = PreemptionGuard(), SimpleNamespace(save_strategy="steps"), TrainerControl()
+    guard, args, control = PreemptionHandler(), SimpleNamespace(save_strategy="steps"), TrainerControl()
     before = signal.getsignal(signal.SIGTERM)
     guard.on_train_begin(args, SimpleNamespace(), control)
     guard.on_step_end(args, SimpleNamespace(global_step=3, max_steps=10), control)

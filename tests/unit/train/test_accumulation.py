@@ -258,7 +258,7 @@ def demo_dataset(model_dir: str, rows: int = 128) -> tuple:
 
 
 def train(model_dir: str, out: str, batch: int, steps: int, mode: str = "contrastive", dropout: bool = False,
-          plan: backend.Plan | None = None, checkpointing: bool = False):  # fmt: skip
+          plan: backend.BackendPlan | None = None, checkpointing: bool = False):  # fmt: skip
     """Two optimizer steps of a real ClipTrainer: (logged losses, first step's gradients, final weights)."""
     tok, ds = demo_dataset(model_dir)
     model = AutoModel.from_pretrained(model_dir)
@@ -326,7 +326,7 @@ def test_apex_o2_stand_in_backpropagates_each_micro_batch_through_scale_loss(dem
     # A static scale fp16 gradients survive: the recipe's 12800000 overflows them (the stand-in models that, and the
     # guard then skips every step; tests/test_apex_amp.py covers it).
     recipe = {**RECIPE, "loss_scale": "128"}
-    plan = backend.make_plan("npu", **recipe, optim="adamw_apex_fused_npu", use_combine_grad=True,
+    plan = backend.make_backend_plan("npu", **recipe, optim="adamw_apex_fused_npu", use_combine_grad=True,
                              apex_available=True)  # fmt: skip
     want, _, _, _ = train(model_dir, str(tmp_path / "b16"), 16, 1, plan=plan)
     apex.amp.CALLS.clear()
