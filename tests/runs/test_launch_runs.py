@@ -37,7 +37,7 @@ HEAL = [*TRAIN, "--nproc_per_node=2", "--max_steps=38", "--save_steps=5"]
 
 
 @pytest.fixture(scope="session")
-def demolauncher_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def demo_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """One demo build and one token/image cache shared by every training test of the session; the demo is made
     before any launcher asks for it, so that the two nodes of the cluster test do not race to build it."""
     root = tmp_path_factory.mktemp("clip-demo")
