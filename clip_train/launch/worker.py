@@ -59,7 +59,7 @@ def read_stop(path: str | os.PathLike) -> tuple[int, str] | None:
 def main(argv: list[str]) -> int:
     stop = read_stop(os.environ[STOP_FILE_ENV]) if os.environ.get(STOP_FILE_ENV) else None
     if stop:
-        print(f"run_clip.py: not restarted: the run stopped for good ({stop[1]})", file=sys.stderr)
+        print("run_clip.py: not restarted: this run stopped for good (its error is above)", file=sys.stderr)
         return stop[0]
     if os.environ.get("RANK") == "0" and os.environ.get(RANK0_FILE_ENV):
         Path(os.environ[RANK0_FILE_ENV]).write_text(os.environ.get(LAUNCHER_ENV, "") + "\n", encoding="utf-8")
