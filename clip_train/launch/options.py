@@ -55,7 +55,10 @@ def usage(profile: str) -> str:
 Environment: ASCEND_DEVICE_ID (0) names the output folder and, on 1 process, the card; OUTPUT_ROOT (test/output);
 PYTHON (python3). Each case runs in $OUTPUT_ROOT/$ASCEND_DEVICE_ID/<CaseName>/ (a finished run there is renamed
 <CaseName>.finished-<time> when the case runs again; an interrupted one is resumed); the log
-train_$ASCEND_DEVICE_ID.log and the summary <CaseName>.log are in $OUTPUT_ROOT/$ASCEND_DEVICE_ID/.
+train_$ASCEND_DEVICE_ID.log (train_$ASCEND_DEVICE_ID.node$R.log per node on several nodes) and the summary
+<CaseName>.log are in $OUTPUT_ROOT/$ASCEND_DEVICE_ID/. On several nodes the run folder must be on storage every node
+sees; the node whose worker holds global rank 0 writes the summary. A run that stopped for good (diverged, bad
+argument or data: exit 2) is not restarted.
 Case names: clip_bs{{batch}}_{{world}}p_{kind}."""
 
 

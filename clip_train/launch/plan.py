@@ -103,9 +103,8 @@ class LaunchPlan:
 
 
 def make_launch_plan(opts: Options, environ: dict[str, str], probe=probe_devices) -> LaunchPlan:
-    nodes = resolve_nodes(
-        opts, environ
-    )  # first: a bad node setup is a usage error, before any folder is made
+    # First: a bad node setup is one line before anything is built or made.
+    nodes = resolve_nodes(opts, environ)
     env = dict(environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"  # the tee'd log follows the run live
@@ -216,14 +215,8 @@ def make_launch_plan(opts: Options, environ: dict[str, str], probe=probe_devices
     # agent re-form the group after a failure on any node (it numbers the nodes itself: worker.py says who got 0).
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
     if nnodes == 1:
-        command += [
-            "--nnodes",
-            "1",
-            "--rdzv_backend",
-            "c10d",
-            "--rdzv_endpoint",
-            f"127.0.0.1:{nodes.master_port or _free_port()}",
-        ]
+        endpoint = f"127.0.0.1:{nodes.master_port or _free_port()}"
+        command += ["--nnodes", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint]
         command += ["--local_addr", "127.0.0.1"]  # not the host name, which need not resolve
     else:  # node 0 hosts the rendezvous store at the master address; every node names the address it is reached on
         command += ["--nnodes", str(nnodes), "--rdzv_backend", "c10d"]

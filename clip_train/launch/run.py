@@ -24,9 +24,8 @@ from clip_train.errors import LaunchError
 from clip_train.launch import runfolder, summary, worker
 from clip_train.launch.plan import LaunchPlan
 
-SHARED_WAIT = (
-    30.0  # seconds a node waits, once its workers started, to see every other node's file in the run folder
-)
+# Seconds a node waits, once its own workers started, to see every other node's file in the run folder.
+SHARED_WAIT = 30.0
 
 
 class Tee:
@@ -96,10 +95,9 @@ def execute(plan: LaunchPlan, started: float, machine: str) -> int:
         missing_ok=True
     )  # a failed run must not leave the previous figures looking current
     own_node = runfolder.node_file(paths.run_dir, plan.node_rank)
+    # The previous launch's notes: this one decides anew (every node's workers start after every node got here).
     for note in (paths.run_dir / runfolder.STOP, paths.run_dir / runfolder.RANK0, own_node):
-        note.unlink(
-            missing_ok=True
-        )  # the previous launch's: this one decides anew (workers start after this)
+        note.unlink(missing_ok=True)
     with open(paths.log_file, "w") as log, open(paths.run_dir / runfolder.LAUNCH_LOG, "a") as history:
         out = Tee(sys.stdout, log, history)
         for line in [
