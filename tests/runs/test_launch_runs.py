@@ -214,6 +214,24 @@ def test_sigterm_saves_the_step_it_stopped_at_and_the_rerun_resumes_there(
     assert losses == pytest.approx(sequence["runs"]["clip_bs8_2p_acc"][2], abs=1e-5)
 
 
+def test_a_smoke_test_shorter_than_skip_steps_ends_with_a_summary(
+    demo_env: dict[str, str], tmp_path: Path
+) -> None:
+    """3 steps with the recipe's --skip_steps 10: no step is timed, which is no failure (issue 25, item 11)."""
+    proc = launch_sh(
+        "performance_1p", *TRAIN, "--skip_steps=10", "--max_steps=3", env=launcher_env(tmp_path, **demo_env)
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    out = tmp_path / "out/0"
+    fields = dict(line.split(" = ", 1) for line in (out / "clip_bs8_1p_perf.log").read_text().splitlines())
+    assert fields["ActualFPS"] == fields["TrainingTime"] == "NA" and float(fields["TrainAccuracy"]) > 0
+    assert (
+        "[Warning] ActualFPS = NA: the run timed no step past --skip_steps (it ended at step 3); give it more "
+        "steps than --skip_steps to measure the throughput"
+    ) in proc.stdout
+    assert proc.stdout.splitlines()[-2] == "Final Performance images/sec : NA"
+
+
 def test_a_diverged_run_is_not_restarted(demo_env: dict[str, str], tmp_path: Path) -> None:
     """run_clip.py exits 2 on divergence; torchrun restarts on any failure, but a rerun only diverges again: the
     run trains once, every restart ends at once, and the launcher exits 2 with the reason."""
