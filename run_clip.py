@@ -36,6 +36,7 @@ from clip_train.device import settings as device_settings
 from clip_train.errors import ArgumentError, DataError, SetupError, TrainingDiverged
 from clip_train.eval.plots import save_plots
 from clip_train.eval.recipe_log import recipe_blocks
+from clip_train.launch.worker import note_stop
 from clip_train.train import compiling
 from clip_train.train.accumulation import describe as describe_accumulation
 from clip_train.train.loss import LogitScaleClamp
@@ -217,10 +218,15 @@ def cli(argv: list[str] | None = None) -> int:
         main(argv)
     except (ArgumentError, DataError, SetupError, TrainingDiverged) as e:
         print(f"run_clip.py: error: {e}", file=sys.stderr)
+        note_stop(2, str(e))  # under the launcher: torchrun's restarts must not rerun what cannot succeed
         return 2
     except Preempted as e:
         print(f"run_clip.py: {e}", file=sys.stderr)
         return e.exit_code
+    except SystemExit as e:  # argparse's usage error: a restart would repeat it too
+        if e.code == 2:
+            note_stop(2, "bad command line (see the usage error above)")
+        raise
     finally:
         # Left to interpreter exit, the process group's threads can abort the process after a finished run
         # ("terminate called without an active exception"), and torchrun then reports the run as failed.

@@ -28,8 +28,14 @@ def usage(profile: str) -> str:
     node = (
         " --nnodes=N --node_rank=R --master_addr=ADDR [--master_port=29500]" if profile == "cluster" else ""
     )
+    slurm = (
+        "\n       srun --nodes=N --ntasks-per-node=1 bash test/train_clip_cluster.sh --data_path=DIR "
+        "--model_path=DIR [flags]\n          (in a SLURM allocation the node flags come from SLURM; flags given win)"
+        if profile == "cluster"
+        else ""
+    )
     restarts = MAX_RESTARTS_MULTI if nproc > 1 else 0
-    return f"""usage: bash test/train_clip_{profile}.sh --data_path=COCO_DIR --model_path=CLIP_ROBERTA_DIR{node} [flags]
+    return f"""usage: bash test/train_clip_{profile}.sh --data_path=COCO_DIR --model_path=CLIP_ROBERTA_DIR{node} [flags]{slurm}
        bash test/train_clip_{profile}.sh --demo [flags]      (tiny embedded data and model, built locally)
 
   --data_path=DIR         COCO 2017 folder (annotations/ and train2017/, val2017/ as zips or folders)
@@ -49,7 +55,10 @@ def usage(profile: str) -> str:
 Environment: ASCEND_DEVICE_ID (0) names the output folder and, on 1 process, the card; OUTPUT_ROOT (test/output);
 PYTHON (python3). Each case runs in $OUTPUT_ROOT/$ASCEND_DEVICE_ID/<CaseName>/ (a finished run there is renamed
 <CaseName>.finished-<time> when the case runs again; an interrupted one is resumed); the log
-train_$ASCEND_DEVICE_ID.log and the summary <CaseName>.log are in $OUTPUT_ROOT/$ASCEND_DEVICE_ID/.
+train_$ASCEND_DEVICE_ID.log (train_$ASCEND_DEVICE_ID.node$R.log per node on several nodes) and the summary
+<CaseName>.log are in $OUTPUT_ROOT/$ASCEND_DEVICE_ID/. On several nodes the run folder must be on storage every node
+sees; the node whose worker holds global rank 0 writes the summary. A run that stopped for good (diverged, bad
+argument or data: exit 2) is not restarted.
 Case names: clip_bs{{batch}}_{{world}}p_{kind}."""
 
 
@@ -62,8 +71,8 @@ class Options:
 
     def get(self, name: str) -> str:
         kind, nproc, epochs, _ = PROFILES[self.profile]
-        defaults = {"batch_size": "64", "train_epochs": epochs, "model_name": "clip", "nnodes": "1"}
-        defaults.update(node_rank="0", master_addr="127.0.0.1", nproc_per_node=str(nproc))
+        defaults = {"batch_size": "64", "train_epochs": epochs, "model_name": "clip"}
+        defaults.update(nproc_per_node=str(nproc))  # the node flags' defaults are nodes.py's
         return self.flags.get(name, defaults.get(name, ""))
 
 
@@ -103,10 +112,7 @@ def _validate(opts: Options) -> None:
     positive("batch_size")
     if not re.fullmatch(r"[0-9]*\.?[0-9]+", opts.get("train_epochs")):
         raise LaunchError(f"--train_epochs must be a number (got '{opts.get('train_epochs')}')", True)
-    positive("nnodes")
-    nnodes, rank = int(opts.get("nnodes")), opts.get("node_rank")
-    if not (UINT.fullmatch(rank) and int(rank) < nnodes):
-        raise LaunchError(f"--node_rank must be 0..{nnodes - 1} for --nnodes={nnodes} (got '{rank}')", True)
+    # --nnodes and --node_rank are checked with SLURM's values, in nodes.py
     port = opts.get("master_port")
     if port and not (UINT.fullmatch(port) and 0 < int(port) < 65536):
         raise LaunchError(f"--master_port must be a port number (got '{port}')", True)
@@ -115,10 +121,3 @@ def _validate(opts: Options) -> None:
     restarts = opts.get("max_restarts")
     if restarts and not UINT.fullmatch(restarts):
         raise LaunchError(f"--max_restarts must be 0 or a positive integer (got '{restarts}')", True)
-    if opts.profile == "cluster":
-        for flag in ("nnodes", "node_rank", "master_addr"):
-            if flag not in opts.flags:
-                raise LaunchError(
-                    f"train_clip_cluster.sh needs --{flag} (the same line on every node, its own --node_rank)",
-                    True,
-                )

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from clip_train.device.families import VISIBLE_DEVICES_ENV
 from clip_train.errors import LaunchError
-from clip_train.launch import runfolder
+from clip_train.launch import runfolder, worker
+from clip_train.launch.nodes import Nodes, local_ip, resolve_nodes
 from clip_train.launch.options import (
     MAX_RESTARTS_MULTI,
     PROFILES,
@@ -70,16 +71,6 @@ def visible_card(family: str, device_id: int, env: dict[str, str]) -> tuple[str,
     return var, given[device_id]
 
 
-def _local_ip(master_addr: str) -> str:
-    """The address this node reaches the master from: the one the other nodes can reach it on."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect((master_addr, 9))  # UDP: no packet is sent
-            return s.getsockname()[0]
-        except OSError:
-            return socket.gethostbyname(socket.gethostname())
-
-
 def _free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -105,11 +96,15 @@ class LaunchPlan:
     case: str
     batch_size: int
     model_name: str
+    nodes: Nodes
+    launcher_id: str  # this node's launcher, as the rank-0 file names it (worker.py)
     card: str = ""  # the physical card of a 1-process run on an accelerator, e.g. ASCEND_RT_VISIBLE_DEVICES=3
     notes: list[str] = field(default_factory=list)
 
 
 def make_launch_plan(opts: Options, environ: dict[str, str], probe=probe_devices) -> LaunchPlan:
+    # First: a bad node setup is one line before anything is built or made.
+    nodes = resolve_nodes(opts, environ)
     env = dict(environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"  # the tee'd log follows the run live
@@ -149,7 +144,7 @@ def make_launch_plan(opts: Options, environ: dict[str, str], probe=probe_devices
         raise LaunchError(
             f"--nproc_per_node={nproc} but this node has {ndev} {family.upper()} device(s): use --nproc_per_node=auto"
         )
-    nnodes, node_rank = int(opts.get("nnodes")), int(opts.get("node_rank"))
+    nnodes, node_rank = nodes.nnodes, nodes.node_rank
     world = nnodes * nproc
     card, notes = "", []
     if world == 1 and family != "cpu":
@@ -160,7 +155,7 @@ def make_launch_plan(opts: Options, environ: dict[str, str], probe=probe_devices
         var, value = visible_card(family, int(device_id), env)
         set_[var] = value
         card = f"{var}={value}"
-    master_addr = opts.get("master_addr")
+    master_addr = nodes.master_addr
     if family == "npu":  # collective-communication settings for HCCL, on Ascend hosts only
         set_["HCCL_WHITELIST_DISABLE"] = env.get("HCCL_WHITELIST_DISABLE", "1")
         set_["HCCL_CONNECT_TIMEOUT"] = env.get("HCCL_CONNECT_TIMEOUT", HCCL_CONNECT)
@@ -170,7 +165,7 @@ def make_launch_plan(opts: Options, environ: dict[str, str], probe=probe_devices
                     f"[Warning] {var}={env[var]} is below Ascend's default ({default} s): kept as you set it"
                 )
         if nnodes > 1:
-            set_["HCCL_IF_IP"] = env.get("HCCL_IF_IP") or _local_ip(master_addr)
+            set_["HCCL_IF_IP"] = env.get("HCCL_IF_IP") or local_ip(master_addr)
     set_["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", SHUTDOWN_SECONDS)
     env.update(set_)
 
@@ -202,34 +197,46 @@ def make_launch_plan(opts: Options, environ: dict[str, str], probe=probe_devices
     case = runfolder.case_name(model_name, batch, world, kind)
     user_out = args["output_dir"][0] if args["output_dir"] else None
     paths = runfolder.run_paths(
-        Path(env.get("OUTPUT_ROOT") or REPO / "test" / "output"), device_id, case, user_out
-    )
+        Path(env.get("OUTPUT_ROOT") or REPO / "test" / "output"), device_id, case, user_out,
+        node=node_rank if nnodes > 1 else None,
+    )  # fmt: skip
     args["output_dir"] = [str(paths.run_dir)]
+    launcher_id = (
+        f"node {node_rank} on {socket.gethostname()} (launcher pid {os.getpid()}) into {paths.summary_file}"
+    )
+    env[worker.STOP_FILE_ENV] = str(paths.run_dir / runfolder.STOP)
+    env[worker.RANK0_FILE_ENV] = str(paths.run_dir / runfolder.RANK0)
+    env[worker.NODE_FILE_ENV] = str(runfolder.node_file(paths.run_dir, node_rank))
+    env[worker.LAUNCHER_ENV], env[worker.NODE_TOKEN_ENV] = launcher_id, nodes.rdzv_id
 
     restarts = opts.get("max_restarts") or str(MAX_RESTARTS_MULTI if world > 1 else 0)
-    port = opts.get("master_port") or (_free_port() if nnodes == 1 else "29500")
+    # c10d, each restart with a fresh store: with the static rendezvous restarted workers share the first
+    # attempt's store and can read a dead worker's address from it, and hang; across nodes, c10d lets every node's
+    # agent re-form the group after a failure on any node (it numbers the nodes itself: worker.py says who got 0).
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
     if nnodes == 1:
-        # c10d on this host, each restart with a fresh store: with the static rendezvous the restarted workers
-        # share the first attempt's store and can read a dead worker's address from it, and hang.
-        command += ["--nnodes", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}"]
+        endpoint = f"127.0.0.1:{nodes.master_port or _free_port()}"
+        command += ["--nnodes", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint]
         command += ["--local_addr", "127.0.0.1"]  # not the host name, which need not resolve
-        set_["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    else:  # the static rendezvous keeps --node_rank (c10d would rank the nodes in its own order)
-        command += ["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--master_addr", master_addr]
-        command += ["--master_port", port]
-    command += ["--max_restarts", restarts, str(REPO / "run_clip.py")]
+    else:  # node 0 hosts the rendezvous store at the master address; every node names the address it is reached on
+        command += ["--nnodes", str(nnodes), "--rdzv_backend", "c10d"]
+        command += ["--rdzv_endpoint", f"{master_addr}:{nodes.master_port}", "--rdzv_id", nodes.rdzv_id]
+        command += ["--rdzv_conf", f"is_host={str(node_rank == 0).lower()}", "--local_addr", nodes.local_addr]
+    set_["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    command += ["--max_restarts", restarts, str(Path(worker.__file__).resolve()), str(REPO / "run_clip.py")]
     for name, values in args.items():
         command += [f"--{name}", *values]
     return LaunchPlan(
         opts.profile, family, ndev, nproc, world, node_rank, env, set_, args, command, paths,
         managed=user_out is None, case=case, batch_size=int(batch) if batch.isdigit() else 0,
-        model_name=model_name, card=card, notes=notes,
+        model_name=model_name, nodes=nodes, launcher_id=launcher_id, card=card, notes=notes,
     )  # fmt: skip
 
 
 def dry_run_text(plan: LaunchPlan) -> str:
     lines = [f"family={plan.family} devices={plan.ndev} world_size={plan.world}"]
+    if plan.nodes.nnodes > 1 or plan.profile == "cluster":
+        lines.append(f"nodes: {plan.nodes.describe()}")
     lines += [f"env: {k}={v}" for k, v in sorted(plan.env_set.items())]
     lines += [
         f"log={plan.paths.log_file}",

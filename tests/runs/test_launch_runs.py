@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -55,8 +56,11 @@ def grep_recipe(log: Path, pattern: str) -> str:
     return subprocess.run(["bash", "-c", pipeline], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def check_run(out: Path, case: str, console: str, steps: int) -> tuple[dict[str, str], list[float]]:
-    """The summary, the logs and the recipe's greps of a finished launch; returns the summary and per-step losses."""
+def check_run(
+    out: Path, case: str, console: str, steps: int, log: Path | None = None
+) -> tuple[dict[str, str], list[float]]:
+    """The summary, the logs and the recipe's greps of a finished launch; returns the summary and per-step losses.
+    ``log``: the launcher's console log when not train_$ASCEND_DEVICE_ID.log (one per node on several nodes)."""
     lines = (out / f"{case}.log").read_text().splitlines()
     fields = dict(line.split(" = ", 1) for line in lines)
     run = out / case
@@ -65,7 +69,7 @@ def check_run(out: Path, case: str, console: str, steps: int) -> tuple[dict[str,
     assert float(fields["ActualFPS"]) == results["train_samples_per_second"] > 0
     assert float(fields["TrainAccuracy"]) == round(results["eval_loss"], 4)
     assert float(fields["TrainingTime"]) == pytest.approx(8 * 1000 / float(fields["ActualFPS"]), rel=1e-3)
-    log = out / f"train_{out.name}.log"
+    log = log or out / f"train_{out.name}.log"
     # The recipe's log contract, on the real log: the same numbers as the summary.
     assert grep_recipe(log, "train_samples_per_second =") == fields["ActualFPS"]
     assert grep_recipe(log, "eval_loss") == fields["TrainAccuracy"]
@@ -210,6 +214,46 @@ def test_sigterm_saves_the_step_it_stopped_at_and_the_rerun_resumes_there(
     assert losses == pytest.approx(sequence["runs"]["clip_bs8_2p_acc"][2], abs=1e-5)
 
 
+def test_a_smoke_test_shorter_than_skip_steps_ends_with_a_summary(
+    demo_env: dict[str, str], tmp_path: Path
+) -> None:
+    """3 steps with the recipe's --skip_steps 10: no step is timed, which is no failure (issue 25, item 11)."""
+    proc = launch_sh(
+        "performance_1p", *TRAIN, "--skip_steps=10", "--max_steps=3", env=launcher_env(tmp_path, **demo_env)
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    out = tmp_path / "out/0"
+    fields = dict(line.split(" = ", 1) for line in (out / "clip_bs8_1p_perf.log").read_text().splitlines())
+    assert fields["ActualFPS"] == fields["TrainingTime"] == "NA" and float(fields["TrainAccuracy"]) > 0
+    assert (
+        "[Warning] ActualFPS = NA: the run timed no step past --skip_steps (it ended at step 3); give it more "
+        "steps than --skip_steps to measure the throughput"
+    ) in proc.stdout
+    assert proc.stdout.splitlines()[-2] == "Final Performance images/sec : NA"
+
+
+def test_a_diverged_run_is_not_restarted(demo_env: dict[str, str], tmp_path: Path) -> None:
+    """run_clip.py exits 2 on divergence; torchrun restarts on any failure, but a rerun only diverges again: the
+    run trains once, every restart ends at once, and the launcher exits 2 with the reason."""
+    diverge = [
+        "--max_steps=60",
+        "--learning_rate=1e30",
+        "--max_restarts=2",
+    ]  # non-finite from step 2: 32 skips
+    proc = launch_sh("full_1p", *TRAIN, *diverge, env=launcher_env(tmp_path, **demo_env))
+    console = proc.stdout
+    assert proc.returncode == 2, console[-4000:]
+    assert console.count("world_size=1 rank=0") == 1  # one attempt trained
+    assert console.count("run_clip.py: error: 32 optimizer steps in a row") == 1
+    assert console.count("run_clip.py: not restarted: this run stopped for good (its error is above)") == 2
+    assert console.splitlines()[-1].startswith(
+        "[Error] training stopped with status 2 (32 optimizer steps in a row (steps 2-33) had non-finite gradients"
+    )
+    assert console.splitlines()[-1].endswith(
+        f"not restarted: a rerun would only repeat it. The whole log is {tmp_path}/out/0/train_0.log"
+    )
+
+
 def test_run_clip_alone_saves_and_stops_on_sigterm(demo: tuple[str, str], tmp_path: Path) -> None:
     data_dir, model_dir = demo
     out = tmp_path / "run"
@@ -242,6 +286,8 @@ def test_run_clip_alone_saves_and_stops_on_sigterm(demo: tuple[str, str], tmp_pa
 
 
 def test_cluster_two_nodes_make_one_training(demo_env: dict[str, str], tmp_path: Path) -> None:
+    """The node flags typed per node, each node with its own folder (ASCEND_DEVICE_ID): one training, one summary,
+    and each node says its run folder is not shared (checkpoints and resumes need one folder)."""
     port = str(_free_port())
     nodes = []
     for rank in (0, 1):
@@ -251,9 +297,88 @@ def test_cluster_two_nodes_make_one_training(demo_env: dict[str, str], tmp_path:
     outputs = [_finish(node) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     out = tmp_path / "out"
-    fields, _ = check_run(out / "0", "clip_bs8_2p_acc", outputs[0], 4)
+    rank0 = next(r for r in (0, 1) if "world_size=2 rank=0" in outputs[r])  # c10d numbers the nodes itself
+    fields, _ = check_run(
+        out / str(rank0), "clip_bs8_2p_acc", outputs[rank0], 4, out / f"{rank0}/train_{rank0}.node{rank0}.log"
+    )
     assert fields["RankSize"] == "2"
     for rank in (0, 1):  # each node's log shows its own process in the one world
-        assert f"world_size=2 rank={rank}" in (out / str(rank) / f"train_{rank}.log").read_text()
-    assert not list((out / "1").glob("clip_*.log"))  # the summary is node 0's alone
-    assert "Final Performance" not in outputs[1]
+        assert "world_size=2 rank=" in (out / str(rank) / f"train_{rank}.node{rank}.log").read_text()
+        warning = [line for line in outputs[rank].splitlines() if "is not shared" in line]
+        assert warning == [
+            f"[Warning] the run folder {out}/{rank}/clip_bs8_2p_acc is not shared by every node: node {rank} does "
+            f"not see node(s) {1 - rank} start in it. Put OUTPUT_ROOT (or --output_dir) on storage every node "
+            "sees: checkpoints, resumes and the summary need one folder"
+        ]
+    assert not list((out / str(1 - rank0)).glob("clip_*.log"))  # the summary is the rank-0 node's alone
+    assert "Final Performance" not in outputs[1 - rank0]
+
+
+# ---- SLURM: two "nodes" on loopback with SLURM's variables faked, no rank or address flag ---------------------------
+
+# Node 0 is 127.0.0.2 (the master: it hosts the rendezvous), node 1 is 127.0.0.1: c10d ranks the nodes by address, so
+# global rank 0 lands on node 1, which must then write the summary.
+NODELIST = "127.0.0.2,127.0.0.1"
+SLURM_HEAL = [*TRAIN, "--nproc_per_node=1", "--max_steps=38", "--save_steps=5"]
+
+
+def _srun(tmp: Path, demo_env: dict[str, str]) -> list[subprocess.Popen]:
+    """What srun --nodes=2 --ntasks-per-node=1 bash test/train_clip_cluster.sh ... starts: one launcher per node,
+    both with the same OUTPUT_ROOT (shared storage). The port is given: one derived from a made-up job id could be
+    taken on this shared machine."""
+    port, launchers = str(_free_port()), []
+    for node in (0, 1):
+        slurm = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_NODEID": str(node)}
+        env = launcher_env(tmp, **demo_env, **slurm, SLURM_JOB_NODELIST=NODELIST, SLURM_STEP_NUM_TASKS="2")
+        launchers.append(_start([*SLURM_HEAL, f"--master_port={port}"], env, "cluster"))
+    return launchers
+
+
+@pytest.fixture(scope="module")
+def slurm_run(demo_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("slurm")
+    launchers = _srun(tmp, demo_env)
+    outputs = [_finish(p) for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    fields, losses = check_run(
+        tmp / "out/0", "clip_bs8_2p_acc", outputs[1], 38, tmp / "out/0/train_0.node1.log"
+    )
+    return {"tmp": tmp, "outputs": outputs, "fields": fields, "losses": losses, "pid1": launchers[1].pid}
+
+
+def test_slurm_two_nodes_make_one_training_summarised_by_the_rank_0_node(slurm_run: dict) -> None:
+    out, (node0, node1) = slurm_run["tmp"] / "out/0", slurm_run["outputs"]
+    assert slurm_run["fields"]["RankSize"] == "2"
+    assert (
+        "[launch] nodes: nnodes=2 (SLURM_NNODES), node_rank=0 (SLURM_NODEID), master_addr=127.0.0.2 (first "
+        "host of SLURM_JOB_NODELIST)" in node0
+    )
+    assert "world_size=2 rank=0" in node1 and "Final Performance" not in node0  # one summary, node 1's
+    assert "[launch] node 1's worker held global rank 0: it writes the summary" in node1
+    said = [line for line in node0.splitlines() if "the summary is written by" in line]
+    assert said == [
+        "[launch] node 0 finished; its workers did not hold global rank 0, so the summary is written by node 1 on "
+        f"{socket.gethostname()} (launcher pid {slurm_run['pid1']}) into {out}/clip_bs8_2p_acc.log"
+    ]
+    assert not any("is not shared" in o for o in (node0, node1))  # one folder, seen by both
+
+
+def test_slurm_a_killed_worker_on_one_node_heals_every_node(
+    slurm_run: dict, demo_env: dict[str, str], tmp_path: Path
+) -> None:
+    launchers = _srun(tmp_path, demo_env)
+    run = tmp_path / "out/0/clip_bs8_2p_acc"
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while last_complete_step(run) is None and time.monotonic() < deadline and launchers[1].poll() is None:
+        time.sleep(0.05)
+    os.kill(
+        _workers(launchers[1].pid)[0], signal.SIGKILL
+    )  # node 1's worker: global rank 0, the one that saves
+    outputs = [_finish(p) for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "failed (exitcode: -9)" in outputs[1] and "Resuming from" in outputs[1]
+    assert outputs[0].count("world_size=2 rank=1") == 2  # node 0's worker, not killed, was restarted too
+    _, losses = check_run(
+        tmp_path / "out/0", "clip_bs8_2p_acc", outputs[1], 38, tmp_path / "out/0/train_0.node1.log"
+    )
+    assert losses == pytest.approx(slurm_run["losses"], abs=1e-5)  # resumed exactly where it was saved

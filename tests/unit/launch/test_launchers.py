@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[3]
 TEST_DIR = REPO / "test"
 SCRIPTS = list(options.PROFILES)
 CLUSTER_FLAGS = ["--nnodes=2", "--node_rank=0", "--master_addr=127.0.0.1"]
+WORKER = str(REPO / "clip_train/launch/worker.py")  # torchrun starts it; it becomes run_clip.py
 
 
 @pytest.fixture
@@ -112,10 +113,10 @@ def test_full_1p_runs_the_recipe_command_in_its_case_folder(dirs, tmp_path: Path
     assert (p.family, p.world, p.managed) == ("cpu", 1, True)
     # One node: c10d on this host, so that every restart gets a fresh store (see make_launch_plan).
     port = p.command[10].rsplit(":", 1)[1]
-    assert p.command[:16] == [
+    assert p.command[:17] == [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--nnodes", "1",
         "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--local_addr", "127.0.0.1",
-        "--max_restarts", "0",
+        "--max_restarts", "0", WORKER,
         str(REPO / "run_clip.py"),
     ]  # fmt: skip
     assert p.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
@@ -150,10 +151,14 @@ def test_user_flags_win_over_the_defaults(dirs, tmp_path: Path) -> None:
 def test_multi_card_profiles_restart_and_use_the_8p_recipe(dirs, tmp_path: Path) -> None:
     p = plan("cluster", dirs, *CLUSTER_FLAGS, "--master_port=29611", env=launcher_env(tmp_path))
     assert p.world == 16  # 2 nodes x the default 8 processes (gloo allows any count)
-    assert p.command[3:17] == [
-        "--nproc_per_node", "8", "--nnodes", "2", "--node_rank", "0", "--master_addr", "127.0.0.1",
-        "--master_port", "29611", "--max_restarts", "3", str(REPO / "run_clip.py"), "--output_dir",
+    # c10d across nodes too: node 0 hosts the rendezvous store; every node's agent re-forms the group on a failure.
+    assert p.command[3:22] == [
+        "--nproc_per_node", "8", "--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:29611",
+        "--rdzv_id", "clip-127.0.0.1-29611", "--rdzv_conf", "is_host=true", "--local_addr", "127.0.0.1",
+        "--max_restarts", "3", WORKER, str(REPO / "run_clip.py"), "--output_dir",
     ]  # fmt: skip
+    assert p.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # a fresh worker store at every restart
+    assert p.paths.log_file.name == "train_0.node0.log"  # nodes sharing OUTPUT_ROOT keep their own console
     assert p.run_args["save_steps"] == ["15000"] and "ddp_bucket_cap_mb" not in p.run_args  # CPU host
     assert "max_steps" not in p.run_args and p.case == "clip_bs64_16p_acc"
     p = plan("full_8p", dirs, "--max_restarts=0", env=launcher_env(tmp_path))
@@ -295,7 +300,9 @@ def test_failed_training_exits_nonzero_and_leaves_no_summary(dirs, tmp_path: Pat
     proc = launch_sh("full_1p", *args, env=launcher_env(tmp_path))
     assert proc.returncode != 0 and not stale.exists()
     log = (tmp_path / "out/0/train_0.log").read_text()
-    assert "[Error] training exited with status" in log and "Final Performance" not in log
+    # A bad argument (exit 2) is not worth a restart: the launcher says so and passes the status on.
+    assert proc.returncode == 2 and "Final Performance" not in log
+    assert "[Error] training stopped with status 2 (--learning_rate fast: expected a number" in log
 
 
 def test_preemption_guard_turns_a_signal_into_save_and_stop(tmp_path: Path) -> None:

@@ -110,3 +110,24 @@ def test_summary_refuses_missing_or_stale_results(
     code, target = _summarise(out, tmp_path, *extra)
     assert code == 1 and not target.exists()
     assert message in capsys.readouterr().err
+
+
+def test_a_run_shorter_than_skip_steps_gets_a_summary_without_fps(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A 5-step smoke test with --skip_steps 10 trained fine: exit 0, FPS marked not measured, one line why."""
+    results = {"train_samples_per_second": 0.0, "train_samples_per_second_per_device": 0.0}
+    results.update(train_timed_steps=0, train_loss=2.5, eval_loss=1.5)
+    out = _results_dir(tmp_path, results, [{"loss": 2.4, "step": 5}])
+    (out / "trainer_state.json").write_text(json.dumps({"global_step": 5, "log_history": [{"loss": 2.4}]}))
+    code, target = _summarise(out, tmp_path)
+    fields = read_summary(target)
+    assert code == 0
+    assert fields["ActualFPS"] == fields["ActualFPSPerDevice"] == fields["TrainingTime"] == "NA"
+    assert fields["ActualLoss"] == "2.4" and fields["TrainAccuracy"] == "1.5"
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if "skip_steps" in line] == [
+        "[Warning] ActualFPS = NA: the run timed no step past --skip_steps (it ended at step 5); give it more "
+        "steps than --skip_steps to measure the throughput"
+    ]
+    assert lines[-2:] == ["Final Performance images/sec : NA", "Final Train Loss : 2.4"]
