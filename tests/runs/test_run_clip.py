@@ -2,18 +2,7 @@ import json
 import os
 
 from conftest import run_py
-
-from clip_train.demo import recipe_args
-
-
-def recipe_cmd(data_dir: str, model_dir: str, out: str, *extra: str) -> list[str]:
-    """The recipe's exact command line (see the README), shortened with --max_steps."""
-    args = recipe_args(data_dir, model_dir, out)
-    args[args.index("--dataloader_num_workers") + 1] = "1"
-    args[args.index("--per_device_train_batch_size=64")] = "--per_device_train_batch_size=16"
-    args[args.index("--per_device_eval_batch_size=64")] = "--per_device_eval_batch_size=16"
-    args[args.index("--skip_steps") + 1] = "2"
-    return ["run_clip.py", *args, "--report_to", "none", *extra]
+from runner import recipe_cmd
 
 
 def history(out: str) -> list[dict]:

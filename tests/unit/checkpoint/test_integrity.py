@@ -14,7 +14,7 @@ import sys
 
 import pytest
 from conftest import REPO
-from test_resume import finish, losses, start, train_cmd
+from runner import finish, losses, start, train_cmd
 
 from clip_train.checkpoint.integrity import HASH, MARKER, verify
 from clip_train.errors import SetupError

@@ -378,7 +378,12 @@ def _dist_worker(out: str) -> None:
 def test_two_ranks_on_gloo_train_one_model(tmp_path) -> None:
     repo = str(Path(__file__).resolve().parents[3])
     spawn_ranks(
-        [__file__, str(tmp_path)], env={"PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        [__file__, str(tmp_path)],
+        env={
+            "PYTHONPATH": os.pathsep.join(
+                [repo, str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]
+            )
+        },
     )
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for report in reports:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import RECIPE, run_py, spawn_ranks
+from runner import recipe_cmd
 from torch import nn
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
@@ -173,8 +174,8 @@ def test_every_trainable_parameter_gets_a_gradient_without_find_unused(demo, tmp
 
 # --- run_clip.py: a model saved in bf16 trains in fp32 ---------------------------------------------------------
 def test_a_bf16_saved_model_trains_in_fp32_and_results_say_what_ran(demo, tmp_path) -> None:
+
     from safetensors import safe_open
-    from test_run_clip import recipe_cmd
     from transformers import AutoModel
 
     data_dir, model_dir = demo

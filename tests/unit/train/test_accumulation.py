@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import RECIPE
+from runner import finish, kill_all, losses, start
 from test_loss import free_port, grads
-from test_resume import finish, kill_all, losses, start
 from torch.nn.parallel import DistributedDataParallel
 from transformers import (
     AutoModel,
