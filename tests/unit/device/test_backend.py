@@ -372,6 +372,7 @@ def _dist_worker(out: str) -> None:
         "fed": model.fed,
     }
     Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
+    dist.barrier()  # neither rank tears gloo down while the other still uses it (a rank hung in destroy under load)
     dist.destroy_process_group()  # as run_clip.py does: left to interpreter exit, gloo's threads can abort
 
 
