@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         skipped[split] = {f"{prefix}_skipped_{k}": v for k, v in splits[split].skipped.items()}
     loading.check_sizes(splits, training_args)
     run_id = outputs.same_run(resume_from, training_args, recipe_args.loss_scope, model_args.model_name_or_path,
-                              splits.get("train"))  # fmt: skip
+                              splits.get("train"), accumulation_mode=recipe_args.accumulation_mode)  # fmt: skip
 
     # 5. Trainer -----------------------------------------------------------------------------------------------
     trainer = ClipTrainer(
