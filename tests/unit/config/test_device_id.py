@@ -4,6 +4,8 @@ and ASCEND_DEVICE_ID pick the cards, it is refused with one line; a card this ho
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import run_clip
@@ -47,6 +49,30 @@ def test_under_torchrun_it_is_refused(var) -> None:
     with pytest.raises(ArgumentError, match=r"--device_id 1: under torchrun .* LOCAL_RANK.*ASCEND_DEVICE_ID"):
         pin_card(1, env)
     assert pin_card(0, env) == {} and set(env) == {var}
+
+
+def test_on_the_npu_stand_in_the_pinned_card_is_the_one_the_process_sees(standins, monkeypatch) -> None:
+    """pin_card -> detect_family -> the check, as run_clip.py runs them: card 1 of 2 is this process's npu:0;
+    card 5 of 2 leaves no NPU visible, and is refused rather than trained on the CPU."""
+    import torch_npu
+
+    from clip_train.device import backend
+
+    torch_npu.npu.DEVICE_COUNT = 2
+    for var in (NPU, CUDA, "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    pinned = pin_card(1, os.environ)
+    assert os.environ[NPU] == "1" and torch_npu.npu.device_count() == 1
+    family = backend.detect_family()
+    assert family == "npu" and pinned_card_problem(1, pinned, family) is None
+    pinned = pin_card(5, os.environ)  # an index into the list above (one card): refused, the list left alone
+    assert os.environ[NPU] == "1" and "lists fewer than 6 cards" in pinned_card_problem(5, pinned, "npu")
+    monkeypatch.delenv(NPU)
+    monkeypatch.delenv(CUDA)
+    pinned = pin_card(5, os.environ)
+    family = backend.detect_family()
+    assert family == "cpu" and "no NPU or GPU card 5 is visible" in pinned_card_problem(5, pinned, family)
 
 
 def run(capfd, argv: list[str]) -> tuple[int, list[str], str]:
