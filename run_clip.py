@@ -220,14 +220,20 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def says_errors(error: Exception) -> bool:
+    """Under torchrun every rank stops alike (exit 2 on all): rank 0 says why, once. A data or set-up problem is
+    also said by each node's first rank, since nodes may see other disks; an argument error is the same on all."""
+    if os.environ.get("RANK", "0") == "0":
+        return True
+    return not isinstance(error, ArgumentError) and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def cli(argv: list[str] | None = None) -> int:
     """main() with set-up and data problems as one line on stderr and exit code 2 (no traceback)."""
     try:
         main(argv)
     except (ArgumentError, DataError, SetupError, TrainingDiverged) as e:
-        if (
-            os.environ.get("RANK", "0") == "0"
-        ):  # under torchrun every rank fails alike: one line, not one per rank
+        if says_errors(e):
             print(f"run_clip.py: error: {e}", file=sys.stderr)
         return 2
     except Preempted as e:

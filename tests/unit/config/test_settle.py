@@ -18,7 +18,7 @@ from clip_train.config.args import DataTrainingArguments, ModelArguments, Recipe
 from clip_train.config.settle import settle
 from clip_train.data.feeding import available_cpus, given_options
 from clip_train.device import backend
-from clip_train.errors import ArgumentError
+from clip_train.errors import ArgumentError, DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -150,6 +150,12 @@ def test_under_torchrun_only_rank_0_prints_the_error(demo, tmp_path, capfd, monk
     monkeypatch.setenv("RANK", "0")
     rc, lines, _ = one_error(capfd, argv)
     assert rc == 2 and len(lines) == 1 and "--max_seq_length 0: expected" in lines[0]
+    # A data or set-up problem may be one node's own (its disk): each node's first rank says it too.
+    for rank, local, error, said in (("1", "1", DataError("x"), False), ("8", "0", DataError("x"), True),
+                                     ("8", "0", ArgumentError("x"), False)):  # fmt: skip
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", local)
+        assert run_clip.says_errors(error) is said
 
 
 def test_python_version_is_the_tested_one() -> None:
