@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tomllib
 import zipfile
 
@@ -164,3 +167,24 @@ def test_python_version_is_the_tested_one() -> None:
         project = tomllib.load(f)
     assert project["project"]["requires-python"] == ">=3.11"
     assert project["tool"]["ruff"]["target-version"] == "py311"
+
+
+def test_two_torchrun_ranks_say_a_bad_argument_once(demo, tmp_path) -> None:
+    """Real torchrun, 2 CPU ranks: both exit non-zero, one error line in all (not one per rank)."""
+    args = base_args(*demo, str(tmp_path / "out")) + ["--max_seq_length", "0"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "run_clip.py", *args],
+        cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    err = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert len([ln for ln in err.splitlines() if ln.startswith("run_clip.py: error:")]) == 1, err[-3000:]
+    assert "--max_seq_length 0: expected" in err and not (tmp_path / "out").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
