@@ -188,3 +188,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_an_accelerator_run_gets_its_loader_and_device_choices_in_the_copy(demo, tmp_path) -> None:
+    """The GPU choices (workers, prefetch, pinned non-blocking copies, no per-step loss filter), settled on this
+    CPU host as a one-process CUDA run would get them: applied to the copy, the parsed arguments untouched."""
+    argv = base_args(*demo, str(tmp_path / "out"))
+    _, data_args, training_args, recipe_args = clip_args.parse_args(argv, "cuda")
+    settled, record = settle(training_args, recipe_args, data_args, "cuda", given_options(argv))
+    assert record.plan.device == "cuda:0" and record.device_settings["logging_nan_inf_filter"] is False
+    assert not settled.logging_nan_inf_filter and training_args.logging_nan_inf_filter
+    assert settled.dataloader_num_workers == min(4, max(1, available_cpus() - 1)) > 0
+    assert settled.dataloader_prefetch_factor == 4 and settled.dataloader_pin_memory
+    assert settled.accelerator_config.non_blocking and not training_args.accelerator_config.non_blocking
+    assert record.feeding["accelerator_config.non_blocking"] is True
+    assert record.plan.settings["nan/inf loss filter"] == "on device"
