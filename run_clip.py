@@ -26,13 +26,14 @@ from clip_train import model as model_parts
 from clip_train.checkpoint import output_dir as outputs
 from clip_train.checkpoint import saving as checkpointing
 from clip_train.checkpoint.preemption import Preempted, PreemptionHandler
-from clip_train.config.args import parse_args, plan_backend
+from clip_train.config.args import device_id_given, parse_args
+from clip_train.config.settle import settle
 from clip_train.data import dataset as data
 from clip_train.data import feeding, images
 from clip_train.data import rows as loading
 from clip_train.data import shard_reader as shard_input
 from clip_train.device import backend, memory
-from clip_train.device import settings as device_settings
+from clip_train.device.families import pin_card
 from clip_train.errors import ArgumentError, DataError, SetupError, TrainingDiverged
 from clip_train.eval.plots import save_plots
 from clip_train.eval.recipe_log import recipe_blocks
@@ -47,11 +48,18 @@ logger = logging.getLogger("run_clip")
 
 def main(argv: list[str] | None = None) -> dict:
     # 1. Arguments ---------------------------------------------------------------------------------------------
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --device_id picks the card by visibility, which must be set before torch first looks at the devices.
+    pinned = pin_card(device_id_given(argv), os.environ)
+    family = backend.detect_family()  # once; passed down
     # The recipe's NPU options go first: parsing TrainingArguments sets the device and process group up.
-    backend.set_npu_options(backend.detect_family())
-    model_args, data_args, training_args, recipe_args = parse_args(argv)
-    plan, training_args = plan_backend(training_args, recipe_args)
-    device_settings.choose(training_args, plan, feeding.given_options(argv))
+    backend.set_npu_options(family)
+    model_args, data_args, training_args, recipe_args = parse_args(argv, family)
+    # Settled once, here, and only read afterwards (clip_train/config/settle.py).
+    training_args, settled = settle(
+        training_args, recipe_args, data_args, family, feeding.given_options(argv), pinned
+    )
+    plan = settled.plan
 
     # 2. Logging -----------------------------------------------------------------------------------------------
     logging.basicConfig(
@@ -70,22 +78,22 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info(compiling.describe(training_args))
     for note in plan.notes:
         logger.warning(note)
-    chosen = feeding.feeding_defaults(
-        training_args,
-        feeding.given_options(argv),
-        accelerator=training_args.device.type != "cpu",
-        image_cache=data_args.image_cache and not data_args.train_shards,  # shards decode in the loader
-    )
-    if chosen:
-        logger.info("DataLoader settings not given, chosen: %s", chosen)
+    if settled.feeding:
+        logger.info("DataLoader settings not given, chosen: %s", settled.feeding)
     logger.info("world_size=%d rank=%d", training_args.world_size, training_args.process_index)
     if training_args.gradient_accumulation_steps > 1:
         logger.info(describe_accumulation(
             recipe_args.accumulation_mode, training_args.gradient_accumulation_steps,
             training_args.per_device_train_batch_size, training_args.world_size, recipe_args.loss_scope,
         ))  # fmt: skip
+    if settled.kept_checkpoints:
+        logger.info("Keeping the last %d checkpoints (--save_total_limit N to change, 0 keeps all)",
+                    settled.kept_checkpoints)  # fmt: skip
 
-    checkpointing.settle_save_args(training_args)
+    # The data's cheap checks (annotations parse, zips open) before the output folder is made or touched.
+    for split, needed in {"train": training_args.do_train, "validation": training_args.do_eval}.items():
+        if needed and not shard_input.given(data_args, split):
+            loading.check_readable(data_args, split)
     if (
         int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     ):  # torchrun restarted us: resume, never wipe
@@ -115,7 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
         AutoModel, model_args.model_name_or_path, "model", dtype=torch.float32, **common
     )
     model_parts.freeze_towers(model, model_args.freeze_vision_model, model_args.freeze_text_model)
-    model_parts.checkpoint_towers(model, training_args)
+    if settled.checkpoint_towers:
+        model_parts.checkpoint_towers(model, training_args.activation_checkpointing_kwargs)
     image_size = model.config.vision_config.image_size
 
     # 4. Data: caption rows -> tokenised captions + decoded images -----------------------------------------------
@@ -142,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         skipped[split] = {f"{prefix}_skipped_{k}": v for k, v in splits[split].skipped.items()}
     loading.check_sizes(splits, training_args)
     run_id = outputs.same_run(resume_from, training_args, recipe_args.loss_scope, model_args.model_name_or_path,
-                              splits.get("train"))  # fmt: skip
+                              splits.get("train"), accumulation_mode=recipe_args.accumulation_mode)  # fmt: skip
 
     # 5. Trainer -----------------------------------------------------------------------------------------------
     trainer = ClipTrainer(
@@ -212,12 +221,21 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def says_errors(error: Exception) -> bool:
+    """Under torchrun every rank stops alike (exit 2 on all): rank 0 says why, once. A data or set-up problem is
+    also said by each node's first rank, since nodes may see other disks; an argument error is the same on all."""
+    if os.environ.get("RANK", "0") == "0":
+        return True
+    return not isinstance(error, ArgumentError) and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def cli(argv: list[str] | None = None) -> int:
     """main() with set-up and data problems as one line on stderr and exit code 2 (no traceback)."""
     try:
         main(argv)
     except (ArgumentError, DataError, SetupError, TrainingDiverged) as e:
-        print(f"run_clip.py: error: {e}", file=sys.stderr)
+        if says_errors(e):
+            print(f"run_clip.py: error: {e}", file=sys.stderr)
         note_stop(2, str(e))  # under the launcher: torchrun's restarts must not rerun what cannot succeed
         return 2
     except Preempted as e:

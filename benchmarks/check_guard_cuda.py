@@ -10,6 +10,7 @@ bf16 with the guard (sync-free on CUDA), its eager host-sync variant, and withou
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -82,8 +83,9 @@ def run(
         logging_steps=log_every, save_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_pin_memory=False,
     )  # fmt: skip
-    args = backend.apply_plan(args, plan)
-    device_settings.choose(args, plan, given=set())
+    args = dataclasses.replace(
+        backend.apply_plan(args, plan), **device_settings.choose(args, plan, given=set())
+    )
     trainer = cls(
         model=Net(width, depth, poison), args=args, train_dataset=rows(batch * 8), backend_plan=plan
     )

@@ -38,15 +38,11 @@ def freeze_towers(model: Any, vision: bool, text: bool) -> None:
                 p.requires_grad_(False)
 
 
-def checkpoint_towers(model: Any, training_args: Any) -> None:
+def checkpoint_towers(model: Any, kwargs: dict | None = None) -> None:
     """--gradient_checkpointing for the dual encoder, which declares no support for it (the Trainer would raise):
-    checkpoint its two towers instead (both support it) and leave the Trainer's flag off."""
-    if not training_args.activation_checkpointing or model.supports_gradient_checkpointing:
-        return
-    kwargs = training_args.activation_checkpointing_kwargs or None
+    checkpoint its two towers instead (both support it). config/settle.py leaves the Trainer's flag off."""
     for tower in (model.vision_model, model.text_model):
-        tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    training_args.activation_checkpointing = training_args.gradient_checkpointing = False
+        tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)
 
 
 class AssembleError(Exception):

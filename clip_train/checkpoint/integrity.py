@@ -109,13 +109,20 @@ def rows_fingerprint(dataset: Any, image_paths: list[str]) -> str:
     return h.hexdigest()
 
 
-def run_identity(training_args: Any, loss_scope: str, model_path: str, train_split: Any) -> dict[str, Any]:
-    """What defines a run: a checkpoint is resumed only by a run where all of these are equal."""
+def run_identity(
+    training_args: Any, loss_scope: str, model_path: str, train_split: Any, *, accumulation_mode: str
+) -> dict[str, Any]:
+    """What defines a run: a checkpoint is resumed only by a run where all of these are equal (a marker written
+    before a key was recorded lacks it, and is not compared on it)."""
     model = os.path.realpath(model_path) if os.path.isdir(model_path) else model_path
+    steps = training_args.gradient_accumulation_steps
     return {
         "world_size": training_args.world_size,
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
-        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+        "gradient_accumulation_steps": steps,
+        # Contrastive accumulation scores K micro-batches as one batch, mean averages K in-batch losses: another
+        # objective. With K = 1 both are the same: None, so changing the flag alone changes nothing.
+        "accumulation_mode": accumulation_mode if steps > 1 else None,
         "loss_scope": loss_scope,
         "train_rows": len(train_split.dataset),
         "train_rows_fingerprint": rows_fingerprint(train_split.dataset, train_split.image_paths),
@@ -127,6 +134,7 @@ _NAMES = {
     "world_size": "processes (world size)",
     "per_device_train_batch_size": "--per_device_train_batch_size",
     "gradient_accumulation_steps": "--gradient_accumulation_steps",
+    "accumulation_mode": "--accumulation_mode",
     "loss_scope": "--loss_scope",
     "train_rows": "training rows",
     "train_rows_fingerprint": "training rows' fingerprint",

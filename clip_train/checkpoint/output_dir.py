@@ -152,12 +152,14 @@ def prepare_output_dir(training_args: Any, recipe_args: Any) -> str | None:
 
 
 def same_run(checkpoint: str | None, training_args: Any, loss_scope: str, model_path: str,
-             train_split: Any) -> dict | None:  # fmt: skip
+             train_split: Any, *, accumulation_mode: str) -> dict | None:  # fmt: skip
     """This run's identity (None when it does not train), after checking that ``checkpoint``, if resumed, was
     saved by a run of the same shape: the Trainer would otherwise go on with another batch, silently."""
     if train_split is None:
         return None
-    run = run_identity(training_args, loss_scope, model_path, train_split)
+    run = run_identity(
+        training_args, loss_scope, model_path, train_split, accumulation_mode=accumulation_mode
+    )
     try:
         saved = read_marker(checkpoint).get("run") if checkpoint else None
     except (OSError, ValueError):  # an unmarked folder passed explicitly: nothing recorded to compare

@@ -51,23 +51,19 @@ def mark_complete(checkpoint: str, global_step: int, world_size: int, run: dict 
     return marker
 
 
-def settle_save_args(training_args: Any) -> None:
-    """Keep the last DEFAULT_KEEP checkpoints unless told otherwise; refuse a limit of 1.
+def settle_save_args(training_args: Any) -> dict[str, Any]:
+    """Keep the last DEFAULT_KEEP checkpoints unless told otherwise ({flag: value} to apply); refuse a limit of 1.
 
     With ``save_total_limit 1`` the Trainer deletes the previous checkpoint right after writing the new one
     and before that one is marked complete: a kill in between would leave nothing to resume from.
     """
     limit = training_args.save_total_limit
-    if limit is None:
-        training_args.save_total_limit = DEFAULT_KEEP
-        logger.info(
-            "Keeping the last %d checkpoints (--save_total_limit N to change, 0 keeps all)", DEFAULT_KEEP
-        )
-    elif limit == 1:
+    if limit == 1:
         raise ArgumentError(
             "--save_total_limit 1 can leave no complete checkpoint if the run dies while saving: "
             "use 2 or more (or 0 to keep all)"
         )
+    return {"save_total_limit": DEFAULT_KEEP} if limit is None else {}
 
 
 def _from_rank0(value: float, args: Any) -> float:

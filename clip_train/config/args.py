@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import json
 import sys
 from dataclasses import dataclass, field
 
@@ -10,8 +10,26 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from clip_train.config import validate
+from clip_train.config.checks import (
+    Rule,
+    check,
+    coco_column,
+    creatable_folder,
+    folder,
+    local_folder,
+    loss_scale,
+    non_empty,
+    number,
+    one_of,
+    shards,
+    whole,
+)
+from clip_train.config.tables import table_file
 from clip_train.device import backend
+from clip_train.device.backend import OPT_LEVELS
 from clip_train.errors import ArgumentError
+
+WRITABLE = "a folder that exists or can be created, writable"
 
 
 @dataclass
@@ -42,6 +60,16 @@ class ModelArguments:
     )
     freeze_vision_model: bool = field(default=False, metadata={"help": "Do not train the vision tower."})
     freeze_text_model: bool = field(default=False, metadata={"help": "Do not train the text tower."})
+
+    def __post_init__(self) -> None:
+        check(self, [
+            Rule("model_name_or_path", local_folder, "a clip-roberta folder (save_clip_roberta.py makes one)", "check the path (launchers: --model_path)"),
+            Rule("tokenizer_name", local_folder, "a folder with tokenizer files", "check the path, or leave it out to use the model's"),
+            Rule("image_processor_name", local_folder, "a folder with preprocessor_config.json", "check the path, or leave it out to use the model's"),
+            Rule("cache_dir", creatable_folder, WRITABLE, "choose another folder, or leave it out"),
+        ])  # fmt: skip
+        if self.feature_extractor_name and not self.image_processor_name:  # the old name of the flag
+            self.image_processor_name = self.feature_extractor_name
 
 
 @dataclass
@@ -107,6 +135,29 @@ class DataTrainingArguments:
         default=1000, metadata={"help": "Samples in each loader worker's shuffle buffer."}
     )
 
+    def __post_init__(self) -> None:
+        table = "a .csv or .json/.jsonl file with the image and caption columns"
+        shard_list = "tar shards: a path or brace pattern, several joined with ::"
+        check(self, [
+            Rule("data_dir", folder, "the COCO 2017 folder (the zips or their extracted folders)", "check the path (launchers: --data_path)"),
+            Rule("image_column", non_empty, "a column name", "e.g. image_path"),
+            Rule("caption_column", non_empty, "a column name", "e.g. caption"),
+            Rule("train_file", table_file, table, "fix the file or the path"),
+            Rule("validation_file", table_file, table, "fix the file or the path"),
+            Rule("test_file", table_file, table, "fix the file or the path"),
+            Rule("train_shards", shards, shard_list, "e.g. /data/cc3m/{00000..00331}.tar"),
+            Rule("validation_shards", shards, shard_list, "e.g. /data/val/{0000..0009}.tar"),
+            Rule("image_cache_dir", creatable_folder, WRITABLE, "choose another folder, or leave it out"),
+            Rule("image_column", coco_column, "a column of the rows", "image_path for COCO"),
+            Rule("caption_column", coco_column, "a column of the rows", "caption for COCO"),
+            Rule("preprocessing_num_workers", whole(1), "a whole number >= 1", "e.g. 4, or leave it out for one process"),
+            Rule("max_seq_length", whole(1), "a whole number of tokens >= 1", "e.g. 77 (CLIP's) or 128 (the recipe's)"),
+            Rule("max_train_samples", whole(1), "a whole number of rows >= 1", "leave it out to use every row"),
+            Rule("max_eval_samples", whole(1), "a whole number of rows >= 1", "leave it out to use every row"),
+            Rule("train_num_samples", whole(1), "a whole number of samples >= 1 (the epoch length)", "or leave it out to read sizes.json next to the shards"),
+            Rule("shuffle_buffer", whole(0), "a whole number of samples >= 0", "e.g. 1000; 0 turns the sample shuffle off"),
+        ])  # fmt: skip
+
 
 @dataclass
 class RecipeArguments:
@@ -156,6 +207,18 @@ class RecipeArguments:
     )
     requested_optim: str | None = field(default=None, metadata={"help": "(set internally from --optim)"})
 
+    def __post_init__(self) -> None:
+        check(self, [
+            Rule("skip_steps", whole(0), "a whole number of steps >= 0 left out of the FPS", "e.g. 10, the recipe's, or 0"),
+            Rule("device_id", whole(0), "a card number >= 0", "e.g. 0"),
+            Rule("max_logit_scale", number(1, above=True), "the multiplier exp(logit_scale), a number > 1", "CLIP uses 100; leave it out for no clamp"),
+            Rule("loss_scale", loss_scale, "a number > 0 (a static scale) or dynamic", "the recipe passes 12800000"),
+            Rule("fp16_opt_level", one_of(*OPT_LEVELS), f"one of {', '.join(OPT_LEVELS)}", "the recipe passes O2"),
+            Rule("loss_scope", one_of("local", "global"), "local or global", "global for multi-card runs (see README)"),
+            Rule("accumulation_mode", one_of("contrastive", "mean"), "contrastive or mean", "contrastive keeps every micro-batch's negatives (see README)"),
+            Rule("save_minutes", number(0), "minutes >= 0 (0 turns it off)", "e.g. 15"),
+        ])  # fmt: skip
+
 
 ARG_CLASSES = (ModelArguments, DataTrainingArguments, TrainingArguments, RecipeArguments)
 # Optimizer names of the recipe's Trainer fork that transformers 5 does not know; the backend maps them.
@@ -186,15 +249,47 @@ def _take_recipe_optim(argv: list[str]) -> tuple[list[str], str | None]:
     return out, asked
 
 
-def parse_args(argv: list[str] | None = None) -> tuple:
-    """(model_args, data_args, training_args, recipe_args) from argv (or a single .json file of them)."""
+def device_id_given(argv: list[str]) -> int:
+    """--device_id as the command line (or its lone .json file) gives it, read before parsing: the card is picked
+    by device visibility, which must be set before torch first looks at the devices (parsing TrainingArguments
+    does). 0 when absent or not a whole number >= 0 (the parser then says so)."""
+    value: object = 0
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        try:
+            with open(argv[0]) as f:
+                value = json.load(f).get("device_id", 0)
+        except (OSError, ValueError, AttributeError):
+            return 0  # the parser reports the file
+    for i, token in enumerate(argv):
+        if token == "--device_id" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif token.startswith("--device_id="):
+            value = token.split("=", 1)[1]
+    try:
+        card = int(str(value))
+    except ValueError:
+        return 0
+    return card if card >= 0 else 0
+
+
+def parse_args(argv: list[str] | None = None, family: str | None = None) -> tuple:
+    """(model_args, data_args, training_args, recipe_args) from argv (or a single .json file of them).
+
+    ``family``: the device family run_clip.py detected (detected here when not given). Each of our dataclasses
+    checks its own values as it is built (``__post_init__``); validate.check_args then checks TrainingArguments
+    and the rules that span dataclasses. Every value is checked before anything is loaded or written.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(ARG_CLASSES)
     # On CPU hosts transformers 5 needs use_cpu for --bf16 and for torchrun to set up gloo DDP.
-    parser.set_defaults(**backend.parser_defaults(backend.detect_family()))
+    parser.set_defaults(**backend.parser_defaults(family or backend.detect_family()))
     parser.error = validate.parser_error  # one line naming the flag, not usage + message
     if len(argv) == 1 and argv[0].endswith(".json"):
-        parsed = parser.parse_json_file(json_file=argv[0])
+        try:
+            parsed = parser.parse_json_file(json_file=argv[0])
+        except ValueError as e:
+            raise validate.value_error(e, argv) from e
+        parsed[3].requested_optim = parsed[3].requested_optim or parsed[2].optim.value
         validate.check_args(*parsed)
         return parsed
     argv, asked = _take_recipe_optim(argv)
@@ -206,30 +301,5 @@ def parse_args(argv: list[str] | None = None) -> tuple:
         raise ArgumentError(f"unknown arguments: {' '.join(rest)} (python3 run_clip.py --help lists them)")
     model_args, data_args, training_args, recipe_args = parsed
     recipe_args.requested_optim = asked or training_args.optim.value
-    if model_args.feature_extractor_name and not model_args.image_processor_name:
-        model_args.image_processor_name = model_args.feature_extractor_name
-    # Every value checked before anything is loaded or written (clip_train/validate.py).
     validate.check_args(model_args, data_args, training_args, recipe_args)
     return model_args, data_args, training_args, recipe_args
-
-
-def plan_backend(training_args: TrainingArguments, recipe_args: RecipeArguments) -> tuple:
-    """The device/precision plan for these flags on this host, and TrainingArguments that carry it out."""
-    try:
-        plan = backend.make_backend_plan(
-            backend.detect_family(),
-            fp16=training_args.fp16,
-            bf16=training_args.bf16,
-            fp16_opt_level=recipe_args.fp16_opt_level,
-            loss_scale=recipe_args.loss_scale,
-            optim=recipe_args.requested_optim,
-            use_combine_grad=recipe_args.use_combine_grad,
-            apex_available=backend.ascend_apex_available(),
-            # From torchrun's environment: asking training_args would set up the process group before the plan.
-            world_size=int(os.environ.get("WORLD_SIZE", 1)),
-            local_rank=int(os.environ.get("LOCAL_RANK", -1)),
-            device_id=recipe_args.device_id,
-        )
-    except ValueError as e:
-        raise ArgumentError(str(e)) from e
-    return plan, backend.apply_plan(training_args, plan)

@@ -90,6 +90,16 @@ def _image_container(data_dir: str, folder: str) -> tuple[str, set[str]]:
     raise DataError(f"No images for {folder} in {data_dir!r}: looked for {plain}/ and {zpath}.")
 
 
+def check_split(data_dir: str, split: str, year: str = "2017") -> None:
+    """The cheap half of load_coco_split, run before the output folder is made: the split's annotations are there
+    and parse, its images' folder or zip opens. Raises the DataError load_coco_split would raise later."""
+    if not os.path.isdir(data_dir):
+        raise DataError(f"--data_dir {data_dir!r} is not a folder. Give the COCO {year} folder (see README).")
+    folder = f"{SPLIT_DIRS[split]}{year}"
+    _annotation_json(data_dir, f"captions_{folder}.json")
+    _image_container(data_dir, folder)
+
+
 def load_coco_split(data_dir: str, split: str, year: str = "2017") -> SplitRows:
     """All caption rows of one split, in annotation-file order, with the hub script's columns."""
     if not os.path.isdir(data_dir):

@@ -29,7 +29,8 @@ def given_options(argv: Sequence[str] | None = None) -> set[str]:
 def feeding_defaults(
     training_args: Any, given: set[str], accelerator: bool, image_cache: bool = True
 ) -> dict[str, Any]:
-    """Set the DataLoader options the user did not give; returns what was changed.
+    """The DataLoader options the user did not give, as {flag: value} where it differs from now (nothing is set
+    here: config/settle.py applies them; ``accelerator_config.non_blocking`` names a field of that flag).
 
     - pin_memory only with an accelerator (on CPU it is wasted work and a warning), there with non-blocking copies;
     - persistent workers stay off (the user may turn them on): with them, a run resumed mid-epoch does not see
@@ -44,8 +45,10 @@ def feeding_defaults(
 
     def choose(name: str, value: Any) -> None:
         if name not in given and getattr(training_args, name) != value:
-            setattr(training_args, name, value)
             changed[name] = value
+
+    def now(name: str) -> Any:
+        return changed.get(name, getattr(training_args, name))
 
     per_rank = available_cpus() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if accelerator:
@@ -53,15 +56,14 @@ def feeding_defaults(
     else:
         choose("dataloader_num_workers", 0 if image_cache else min(8, max(1, per_rank)))
     choose("dataloader_pin_memory", accelerator)
-    if training_args.dataloader_num_workers > 0 and accelerator:
+    if now("dataloader_num_workers") > 0 and accelerator:
         choose("dataloader_prefetch_factor", 4)
     config = training_args.accelerator_config
     if (
         accelerator
-        and training_args.dataloader_pin_memory
+        and now("dataloader_pin_memory")
         and "accelerator_config" not in given
         and not config.non_blocking
     ):
-        config.non_blocking = True  # copies from pinned memory overlap with compute
-        changed["accelerator_config.non_blocking"] = True
+        changed["accelerator_config.non_blocking"] = True  # copies from pinned memory overlap with compute
     return changed

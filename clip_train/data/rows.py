@@ -11,7 +11,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from clip_train.data.coco import SplitRows, load_coco_split
+from clip_train.data.coco import SplitRows, check_split, load_coco_split
 from clip_train.data.dataset import ClipDataset, build_dataset
 from clip_train.errors import DataError, SetupError
 
@@ -75,6 +75,15 @@ def load_rows(data_args: Any, split: str) -> SplitRows:
         rows.columns = {"caption": rows.columns[data_args.caption_column],
                         "image_path": rows.columns[data_args.image_column]}  # fmt: skip
     return rows
+
+
+def check_readable(data_args: Any, split: str) -> None:
+    """Before the output folder is made: a split read from the COCO folder has annotations that parse and images
+    whose zip opens (table files were checked line by line with the arguments). Raises DataError."""
+    table_file = data_args.train_file if split == "train" else data_args.validation_file
+    if table_file or data_args.dataset_name not in COCO_NAMES or not data_args.data_dir:
+        return  # load_rows says what is wrong with these
+    check_split(data_args.data_dir, split, data_args.dataset_config_name or "2017")
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from clip_train.device.families import FAMILIES, VISIBLE_DEVICES_ENV
+from clip_train.device.families import FAMILIES
 
 OPT_LEVELS = ("O0", "O1", "O2", "O3")
 RECIPE_APEX_OPTIM = "adamw_apex_fused_npu"  # the recipe's --optim; not a transformers 5 name
@@ -112,7 +112,6 @@ def make_backend_plan(
     apex_available: bool = False,
     world_size: int = 1,
     local_rank: int = -1,
-    device_id: int = 0,
 ) -> BackendPlan:
     """Decide device, distribution, precision, loss scaling and optimizer for one process."""
     if family not in FAMILIES:
@@ -124,7 +123,7 @@ def make_backend_plan(
     scale = parse_loss_scale(loss_scale)
     _check_apex_combinations(fp16, fp16_opt_level, optim, use_combine_grad)
     notes: list[str] = []
-    device, dist_backend = _device(family, world_size, local_rank, device_id, notes)
+    device, dist_backend = _device(family, world_size, local_rank)
     plan = BackendPlan(
         family, device, dist_backend, world_size, "fp32", "none", None, None, optim, False, notes=notes
     )
@@ -170,19 +169,13 @@ def _check_apex_combinations(fp16: bool, opt_level: str, optim: str, combine_gra
         )
 
 
-def _device(family: str, world_size: int, local_rank: int, device_id: int, notes: list[str]):
-    if world_size > 1 or local_rank != -1:  # under torchrun: one process per device, LOCAL_RANK picks it
+def _device(family: str, world_size: int, local_rank: int) -> tuple[str, str | None]:
+    """Under torchrun one process per device, LOCAL_RANK picks it; alone, <family>:0 (the card --device_id named,
+    made the only visible one before start-up: families.pin_card)."""
+    if world_size > 1 or local_rank != -1:
         device = "cpu" if family == "cpu" else f"{family}:{max(local_rank, 0)}"
         return device, DIST_BACKENDS[family]
-    if family == "cpu":
-        return "cpu", None
-    if device_id != 0:
-        # transformers runs a single process on <family>:0, so the card is chosen by device visibility.
-        var = VISIBLE_DEVICES_ENV[family]
-        notes.append(
-            f"card {device_id}: export {var}={device_id} before start (the process sees it as {family}:0)"
-        )
-    return f"{family}:0", None
+    return ("cpu" if family == "cpu" else f"{family}:0"), None
 
 
 def _apex_fp16(plan: BackendPlan, opt_level: str, scale: float | str, combine_grad: bool) -> None:

@@ -1,8 +1,8 @@
 """Settings chosen per device family: DDP, TF32, the loss-logging filter, one process per device.
 
-Each is set only when the user did not give its TrainingArguments flag (`--ddp_find_unused_parameters`,
-`--ddp_broadcast_buffers`, `--ddp_bucket_cap_mb`, `--logging_nan_inf_filter`, `--tf32`), and each choice is
-recorded in `plan.settings`, which the start-up line prints.
+Each is chosen only when the user did not give its TrainingArguments flag (`--ddp_find_unused_parameters`,
+`--ddp_broadcast_buffers`, `--ddp_bucket_cap_mb`, `--logging_nan_inf_filter`, `--tf32`); `choose` returns the
+choices and config/settle.py applies them, once; `describe` states the settled values for the start-up line.
 
 - find_unused_parameters off: every trainable parameter of the dual encoder gets a gradient at every step (frozen
   towers have requires_grad=False, which DDP leaves out; tests/test_device_settings.py checks it on 2 gloo ranks),
@@ -32,48 +32,43 @@ BUCKET_CAP_MB = {"npu": 150, "cuda": 25}
 
 
 def choose(training_args: Any, plan: BackendPlan, given: set[str]) -> dict[str, Any]:
-    """Set the per-family defaults on `training_args` (in place) for flags not in `given`; returns what was set."""
+    """The per-family values of the TrainingArguments flags not in `given` (nothing is set here)."""
     chosen: dict[str, Any] = {}
-
-    def choose_one(name: str, value: Any) -> None:
-        if name not in given:
-            setattr(training_args, name, value)
-            chosen[name] = value
-
     if plan.distributed:
-        choose_one("ddp_find_unused_parameters", False)
-        choose_one("ddp_broadcast_buffers", False)
+        chosen.update(ddp_find_unused_parameters=False, ddp_broadcast_buffers=False)
         if plan.family in BUCKET_CAP_MB:
-            choose_one("ddp_bucket_cap_mb", BUCKET_CAP_MB[plan.family])
-        plan.settings["ddp"] = (
+            chosen["ddp_bucket_cap_mb"] = BUCKET_CAP_MB[plan.family]
+    if plan.family != "cpu":
+        chosen["logging_nan_inf_filter"] = False
+    if plan.family == "cuda" and plan.precision == "fp32" and _tf32_available():
+        chosen["tf32"] = True  # TrainingArguments(tf32=True) switches torch's TF32 on when applied
+    return {name: value for name, value in chosen.items() if name not in given}
+
+
+def describe(training_args: Any, plan: BackendPlan) -> dict[str, str]:
+    """The settled DDP / loss-filter / TF32 values, for the plan's start-up line (`plan.settings`)."""
+    settings = {}
+    if plan.distributed:
+        settings["ddp"] = (
             f"find_unused_parameters={training_args.ddp_find_unused_parameters} "
             f"broadcast_buffers={training_args.ddp_broadcast_buffers} "
             f"bucket_cap_mb={training_args.ddp_bucket_cap_mb or 25}"
         )
     if plan.family != "cpu":
-        choose_one("logging_nan_inf_filter", False)
-        plan.settings["nan/inf loss filter"] = (
-            "Trainer's" if training_args.logging_nan_inf_filter else "on device"
-        )
-    if plan.family == "cuda" and plan.precision == "fp32" and "tf32" not in given and _tf32_available():
-        choose_one("tf32", True)
-        _enable_tf32()
+        settings["nan/inf loss filter"] = "Trainer's" if training_args.logging_nan_inf_filter else "on device"
     if plan.family == "cuda":
-        plan.settings["tf32"] = "on" if training_args.tf32 else "off"
-    note = one_device_per_process(training_args, plan)
-    if note:
-        plan.notes.append(note)
-    return chosen
+        settings["tf32"] = "on" if training_args.tf32 else "off"
+    return settings
 
 
 def one_device_per_process(training_args: Any, plan: BackendPlan) -> str | None:
-    """Without torchrun, train on one GPU (cuda:0) however many are visible; returns the note to log, if any."""
+    """Without torchrun, train on one GPU (cuda:0) however many are visible: the note to log when that applies
+    (settle then sets the Trainer's GPU count to 1; with more it wraps the model in nn.DataParallel)."""
     if plan.distributed or plan.family != "cuda":
         return None
     visible = training_args.n_gpu
     if visible <= 1:
         return None
-    training_args._n_gpu = 1  # the Trainer wraps the model in nn.DataParallel when n_gpu > 1
     return (
         f"{visible} GPUs visible but one process (no torchrun): training on cuda:0 only, not nn.DataParallel; "
         f"for all of them use the launcher (test/train_clip_*_8p.sh) or torchrun --nproc_per_node {visible}"
@@ -84,9 +79,3 @@ def _tf32_available() -> bool:
     from transformers.utils import is_torch_tf32_available
 
     return bool(is_torch_tf32_available())
-
-
-def _enable_tf32() -> None:
-    from transformers.utils.import_utils import enable_tf32
-
-    enable_tf32(True)  # what TrainingArguments(tf32=True) does: torch's fp32_precision API on torch >= 2.9

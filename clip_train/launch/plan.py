@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clip_train.device import families
 from clip_train.device.families import VISIBLE_DEVICES_ENV
 from clip_train.errors import LaunchError
 from clip_train.launch import runfolder, worker
@@ -58,17 +59,14 @@ def probe_devices(env: dict[str, str]) -> tuple[str, int]:
 
 
 def visible_card(family: str, device_id: int, env: dict[str, str]) -> tuple[str, str]:
-    """(variable, value) that makes card ``device_id`` the only one a 1-process run sees.
-
-    If the user already narrowed the cards (e.g. ASCEND_RT_VISIBLE_DEVICES=4,5,6), device_id indexes that list.
-    """
+    """(variable, value) that makes card ``device_id`` the only one a 1-process run sees (families.visible_card)."""
     var = VISIBLE_DEVICES_ENV[family]
-    given = [c.strip() for c in env.get(var, "").split(",") if c.strip()]
-    if not given:
-        return var, str(device_id)
-    if device_id >= len(given):
-        raise LaunchError(f"ASCEND_DEVICE_ID={device_id} but {var}={env[var]} lists {len(given)} card(s)")
-    return var, given[device_id]
+    value = families.visible_card(var, device_id, env)
+    if value is None:
+        raise LaunchError(
+            f"ASCEND_DEVICE_ID={device_id} but {var}={env[var]} lists fewer than {device_id + 1} cards"
+        )
+    return var, value
 
 
 def _free_port() -> str:

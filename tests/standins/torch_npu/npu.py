@@ -8,6 +8,8 @@ grad_scaler.py); no NPU exists here. Every call is recorded in CALLS.
   its update() leaves the scale alone unless given new_scale. Computes on CPU (torch.amp.GradScaler("cpu")).
 """
 
+import os
+
 import torch
 
 CALLS: list[tuple] = []
@@ -15,11 +17,21 @@ DEVICE_COUNT = 0  # a test sets this to pretend an NPU is present
 
 
 def is_available() -> bool:
-    return DEVICE_COUNT > 0
+    return device_count() > 0
 
 
 def device_count() -> int:
-    return DEVICE_COUNT
+    """The cards this process sees: as the Ascend runtime does, ASCEND_RT_VISIBLE_DEVICES (when set) keeps the
+    listed ones of the DEVICE_COUNT present, up to the first id that is not a present card."""
+    listed = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
+    if listed is None:
+        return DEVICE_COUNT
+    seen = 0
+    for card in listed.split(","):
+        if not (card.strip().isdigit() and int(card) < DEVICE_COUNT):
+            break
+        seen += 1
+    return seen
 
 
 def set_option(options: dict) -> None:

@@ -80,9 +80,9 @@ def test_feeding_defaults_fill_only_what_the_user_left_unset(tmp_path):
     # CPU, image cache: batches are read in the training process; the user's worker count is kept when given.
     cpu = TrainingArguments(output_dir=str(tmp_path), dataloader_num_workers=3, use_cpu=True)
     assert feeding_defaults(cpu, set(), accelerator=False) == {"dataloader_num_workers": 0}
-    cpu = TrainingArguments(output_dir=str(tmp_path), dataloader_num_workers=3, use_cpu=True)
+    assert cpu.dataloader_num_workers == 3  # chosen, not set: config/settle.py applies the choices
     assert feeding_defaults(cpu, {"dataloader_num_workers"}, accelerator=False) == {}
-    assert cpu.dataloader_num_workers == 3 and not cpu.dataloader_pin_memory  # pinning on CPU is wasted work
+    assert not cpu.dataloader_pin_memory  # pinning on CPU is wasted work
     assert not cpu.dataloader_persistent_workers and cpu.dataloader_prefetch_factor is None
     # CPU, decoding on the fly: one worker per core (up to 8).
     fly = TrainingArguments(output_dir=str(tmp_path), use_cpu=True)
@@ -94,7 +94,8 @@ def test_feeding_defaults_fill_only_what_the_user_left_unset(tmp_path):
     # stay as given (they would change the batches a resumed run sees).
     acc = TrainingArguments(output_dir=str(tmp_path), dataloader_persistent_workers=False)
     changed = feeding_defaults(acc, {"dataloader_persistent_workers"}, accelerator=True)
-    assert acc.dataloader_num_workers == min(4, max(1, available_cpus() - 1)) and acc.dataloader_pin_memory
+    assert changed["dataloader_num_workers"] == min(4, max(1, available_cpus() - 1))
+    assert "dataloader_pin_memory" not in changed and acc.dataloader_pin_memory  # already on
     assert "dataloader_persistent_workers" not in changed and not acc.dataloader_persistent_workers
-    assert acc.dataloader_prefetch_factor == 4 and acc.accelerator_config.non_blocking
-    assert changed["accelerator_config.non_blocking"] is True
+    assert changed["dataloader_prefetch_factor"] == 4 and changed["accelerator_config.non_blocking"] is True
+    assert not acc.accelerator_config.non_blocking  # nothing set in place

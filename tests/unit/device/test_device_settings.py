@@ -22,6 +22,13 @@ from clip_train.device import settings as device_settings
 FLAGS = ("ddp_find_unused_parameters", "ddp_broadcast_buffers", "ddp_bucket_cap_mb", "logging_nan_inf_filter")
 
 
+def apply(args: TrainingArguments, chosen: dict) -> TrainingArguments:
+    """What config/settle.py does with the choices: a copy, re-validated by TrainingArguments.__post_init__."""
+    import dataclasses
+
+    return dataclasses.replace(args, **chosen)
+
+
 def parsed(tmp_path, argv: list[str] = ()) -> TrainingArguments:
     parser = HfArgumentParser(TrainingArguments)
     parser.set_defaults(use_cpu=True)
@@ -43,8 +50,9 @@ def parsed(tmp_path, argv: list[str] = ()) -> TrainingArguments:
 def test_per_family_ddp_settings_are_stated(tmp_path, family, expected) -> None:
     args = parsed(tmp_path)
     plan = backend.make_backend_plan(family, fp16=False, bf16=True, world_size=8, local_rank=0)
-    device_settings.choose(args, plan, given=set())
+    args = apply(args, device_settings.choose(args, plan, given=set()))
     assert tuple(getattr(args, f) for f in FLAGS) == expected
+    plan.settings = device_settings.describe(args, plan)
     line = backend.describe(plan)
     assert (
         f"| ddp find_unused_parameters=False broadcast_buffers=False bucket_cap_mb={expected[2] or 25}"
@@ -67,6 +75,8 @@ def test_given_flags_are_kept(tmp_path) -> None:
     chosen = device_settings.choose(args, plan, given={"ddp_find_unused_parameters", "ddp_bucket_cap_mb",
                                                        "logging_nan_inf_filter"})  # fmt: skip
     assert chosen == {"ddp_broadcast_buffers": False}
+    args = apply(args, chosen)
+    plan.settings = device_settings.describe(args, plan)
     assert (args.ddp_find_unused_parameters, args.ddp_bucket_cap_mb, args.logging_nan_inf_filter) == (
         True,
         150,
@@ -76,15 +86,13 @@ def test_given_flags_are_kept(tmp_path) -> None:
 
 
 def test_tf32_only_for_fp32_on_cuda(tmp_path, monkeypatch) -> None:
-    calls = []
     monkeypatch.setattr(device_settings, "_tf32_available", lambda: True)  # no Ampere GPU here
-    monkeypatch.setattr(device_settings, "_enable_tf32", lambda: calls.append(True))
     for precision, given, want in (("fp32", set(), True), ("bf16", set(), None), ("fp32", {"tf32"}, None)):
         args = parsed(tmp_path)
         plan = backend.make_backend_plan("cuda", fp16=False, bf16=precision == "bf16")
-        device_settings.choose(args, plan, given)
-        assert args.tf32 is want and ("tf32 on" in backend.describe(plan)) == bool(want)
-    assert calls == [True]
+        assert device_settings.choose(args, plan, given).get("tf32") is want
+        args.tf32 = want  # what applying it gives (TrainingArguments refuses tf32=True without an Ampere GPU)
+        assert device_settings.describe(args, plan)["tf32"] == ("on" if want else "off")
 
 
 class Tiny(nn.Module):
@@ -103,13 +111,12 @@ def test_a_direct_multi_gpu_launch_trains_on_one_gpu_not_dataparallel(tmp_path) 
     args._n_gpu = 2  # what TrainingArguments finds on a host with 2 visible GPUs and no torchrun
     assert isinstance(Trainer(model=Tiny(), args=args)._wrap_model(Tiny()), nn.DataParallel)
     plan = backend.make_backend_plan("cuda", fp16=False, bf16=False)
-    device_settings.choose(args, plan, given=set())
+    note = device_settings.one_device_per_process(args, plan)
+    assert note and "2 GPUs visible but one process (no torchrun): training on cuda:0 only" in note
+    args._n_gpu = 1  # what config/settle.py then does
     assert args.n_gpu == 1 and args.train_batch_size == 4
     model = Tiny()
     assert Trainer(model=model, args=args)._wrap_model(model) is model
-    assert any(
-        "2 GPUs visible but one process (no torchrun): training on cuda:0 only" in n for n in plan.notes
-    )
     under_torchrun = backend.make_backend_plan("cuda", fp16=False, bf16=False, world_size=2, local_rank=0)
     assert device_settings.one_device_per_process(args, under_torchrun) is None
 
@@ -126,7 +133,7 @@ def _ddp_rank(model_dir: str, out: str) -> None:
     rank = dist.get_rank()
     args = parsed(out)
     plan = backend.make_backend_plan("cpu", fp16=False, bf16=False, world_size=2, local_rank=rank)
-    device_settings.choose(args, plan, given=set())
+    args = apply(args, device_settings.choose(args, plan, given=set()))
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
     freeze_towers(model, vision=True, text=False)
     ddp = nn.parallel.DistributedDataParallel(

@@ -269,9 +269,9 @@ def train(model_dir: str, out: str, batch: int, steps: int, mode: str = "contras
     args = TrainingArguments(output_dir=out, max_steps=2, per_device_train_batch_size=batch,
                              gradient_accumulation_steps=steps, learning_rate=1e-3, weight_decay=0.1,
                              report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0,
-                             logging_steps=1, max_grad_norm=0.0, seed=3, disable_tqdm=True,
-                             gradient_checkpointing=checkpointing)  # fmt: skip
-    checkpoint_towers(model, args)  # as run_clip.py does
+                             logging_steps=1, max_grad_norm=0.0, seed=3, disable_tqdm=True)  # fmt: skip
+    if checkpointing:  # as run_clip.py does for --gradient_checkpointing (the Trainer's own flag stays off)
+        checkpoint_towers(model)
     if plan is not None:
         args = backend.apply_plan(args, plan)
     probe = Probe(model)
