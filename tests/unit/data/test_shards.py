@@ -182,14 +182,17 @@ def test_bad_samples_and_a_truncated_shard_are_counted_and_skipped(shards, tmp_p
 
 
 def test_retrieval_from_validation_shards_equals_the_coco_folder(shards, tmp_path):
+    """Also with --max_eval_samples (the first 120 of the 200 validation rows), which both paths honour."""
     found = {}
     for name, source in (("shards", ["--validation_shards", f"{shards['root']}/val/{{00000..00003}}.tar"]),
                          ("coco", ["--data_dir", shards["data_dir"]])):  # fmt: skip
         out = tmp_path / name
         r = run_py(["run_clip.py", "--output_dir", str(out), "--model_name_or_path", shards["model"], "--do_eval",
-                    "--per_device_eval_batch_size", "16", "--report_to", "none", "--use_cpu", *source])  # fmt: skip
+                    "--per_device_eval_batch_size", "16", "--max_eval_samples", "120", "--report_to", "none",
+                    "--use_cpu", *source])  # fmt: skip
         assert r.returncode == 0, r.stderr[-3000:]
         found[name] = json.load(open(out / "eval_results.json"))
+    assert found["shards"]["eval_samples"] == found["coco"]["eval_samples"] == 120
     wanted = ("eval_loss", "eval_retrieval_images")
     keys = [k for k in found["coco"] if "R@" in k or "rank" in k or k in wanted]
     assert len(keys) > 10
