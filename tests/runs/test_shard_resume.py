@@ -100,6 +100,16 @@ def test_accumulated_run_resumed_mid_epoch_ends_with_the_uninterrupted_steps_and
     for name in weights[0]:
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-5, atol=1e-6, msg=name)
 
+    # --ignore_data_skip: as with a dataset, the resumed epoch starts over (its first batches again).
+    again = tmp_path / "again"
+    shutil.copytree(ref / "checkpoint-2", again / "checkpoint-2")
+    env["CLIP_SHARD_KEY_LOG"] = str(tmp_path / "keys-again")
+    r = run_py(train_args(shards, again, pattern, *extra, "--ignore_data_skip", "--max_steps", "4"), timeout=400,
+               env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the shard stream starts epoch 0 over" in r.stderr
+    assert key_log(str(tmp_path / "keys-again")) == key_log(str(tmp_path / "keys-ref"))[:4]
+
 
 def test_sigterm_then_rerun_repeats_no_sample_and_keeps_the_skip_counts(shards, tmp_path):
     """2 epochs of 40 batches over 204 usable samples (4 bad ones among them); SIGTERM in epoch 2. Only the
