@@ -52,9 +52,8 @@ class PreemptionHandler(TrainerCallback):
         self._previous: dict[int, Any] = {}
         self._group: Any = None
         self._every = 1
-        self._stepping = (
-            False  # a step has begun since training started: a save at its end is worth waiting for
-        )
+        # A step has begun since training started: a save at its end is worth waiting for.
+        self._stepping = False
 
     def _handler(self, signum: int, frame: Any) -> None:
         # The second one (the user means it), or one before any step began (nothing new to save, and the step it

@@ -145,11 +145,8 @@ class ShardStream(IterableDataset):
         self.urls, self.fmt, self.sizes = urls, fmt, sizes
         self.batch_size, self.world, self.rank = config.batch_size, config.world, config.rank
         self.workers = max(1, config.workers)
-        self.seed, self.shuffle_buffer, self.num_samples = (
-            config.seed,
-            config.shuffle_buffer,
-            config.num_samples,
-        )
+        self.seed, self.shuffle_buffer = config.seed, config.shuffle_buffer
+        self.num_samples = config.num_samples
         self.batches_per_epoch = config.num_samples // (self.batch_size * self.world)
         streams = self.world * self.workers
         if len(urls) < streams:
