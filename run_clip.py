@@ -30,8 +30,7 @@ from clip_train.config.args import device_id_given, parse_args
 from clip_train.config.settle import settle
 from clip_train.data import dataset as data
 from clip_train.data import feeding, images
-from clip_train.data import rows as loading
-from clip_train.data import shard_reader as shard_input
+from clip_train.data.inputs import check_data, get_data
 from clip_train.device import backend, memory
 from clip_train.device.families import pin_card
 from clip_train.errors import ArgumentError, DataError, SetupError, TrainingDiverged
@@ -91,9 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
                     settled.kept_checkpoints)  # fmt: skip
 
     # The data's cheap checks (annotations parse, zips open) before the output folder is made or touched.
-    for split, needed in {"train": training_args.do_train, "validation": training_args.do_eval}.items():
-        if needed and not shard_input.given(data_args, split):
-            loading.check_readable(data_args, split)
+    check_data(data_args, training_args)
     if (
         int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     ):  # torchrun restarted us: resume, never wipe
@@ -127,38 +124,19 @@ def main(argv: list[str] | None = None) -> dict:
         model_parts.checkpoint_towers(model, training_args.activation_checkpointing_kwargs)
     image_size = model.config.vision_config.image_size
 
-    # 4. Data: caption rows -> tokenised captions + decoded images -----------------------------------------------
+    # 4. Data: the splits this run needs, whatever their source (COCO folder, csv/json files, shards) ----------------
     cache_dir = data_args.image_cache_dir or images.default_cache_dir(model_args.cache_dir)
-    skipped: dict = {"train": {}, "validation": {}}  # rows and images left out, by kind
-    splits = {}
-    wanted = {"train": training_args.do_train, "validation": training_args.do_eval}
-    for split, needed in wanted.items():
-        if not needed:
-            continue
-        if shard_input.given(data_args, split):  # WebDataset shards: train streamed, validation read whole
-            splits[split] = shard_input.make_split(
-                split, data_args, training_args, tokenizer, image_size, cache_dir
-            )
-        else:
-            rows = loading.load_rows(data_args, split)
-            limit = data_args.max_train_samples if split == "train" else data_args.max_eval_samples
-            with training_args.main_process_first(desc=f"{split} caches"):
-                splits[split] = loading.make_split(
-                    rows, tokenizer, data_args, image_size=image_size, cache_dir=cache_dir, limit=limit,
-                    name=split,
-                )  # fmt: skip
-        prefix = "train" if split == "train" else "eval"
-        skipped[split] = {f"{prefix}_skipped_{k}": v for k, v in splits[split].skipped.items()}
-    loading.check_sizes(splits, training_args)
+    inputs = get_data(data_args, training_args, tokenizer, image_size, cache_dir)
+    train_input, eval_input = inputs.get("train"), inputs.get("validation")
     run_id = outputs.same_run(resume_from, training_args, recipe_args.loss_scope, model_args.model_name_or_path,
-                              splits.get("train"), accumulation_mode=recipe_args.accumulation_mode)  # fmt: skip
+                              train_input, accumulation_mode=recipe_args.accumulation_mode)  # fmt: skip
 
     # 5. Trainer -----------------------------------------------------------------------------------------------
     trainer = ClipTrainer(
         model=model,
         args=training_args,
-        train_dataset=splits["train"].dataset if "train" in splits else None,
-        eval_dataset=splits["validation"].dataset if "validation" in splits else None,
+        train_input=train_input,
+        eval_dataset=eval_input.dataset if eval_input else None,
         data_collator=data.Collator(
             tokenizer.pad_token_id, data_args.max_seq_length, data_args.pad_to_max_length
         ),
@@ -173,6 +151,10 @@ def main(argv: list[str] | None = None) -> dict:
         callbacks=[checkpointing.CheckpointMarker(recipe_args.save_minutes, run_id)]
         + ([LogitScaleClamp(recipe_args.max_logit_scale)] if recipe_args.max_logit_scale else []),
     )
+    skipped = {
+        "train": train_input.skip_metrics("train") if train_input else {},
+        "validation": eval_input.skip_metrics("eval") if eval_input else {},
+    }  # rows left out while reading
     results: dict = {**skipped["train"], **skipped["validation"]}
     preemption = PreemptionHandler()  # SIGTERM / Ctrl-C: save at the end of the step, then stop
     trainer.add_callback(preemption)
@@ -185,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics.update(trainer.undecodable("train", "train"))
         metrics.update(trainer.backend_metrics("train"))
         metrics.update(memory.peak_device_memory_metrics(training_args.device))
-        metrics["train_samples"] = len(splits["train"].dataset)
+        metrics["train_samples"] = train_input.rows
         if not metrics["train_timed_steps"]:
             logger.warning(
                 "no FPS: this run trained no step past --skip_steps %d (it ended at step %d of %d)",
@@ -207,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 7. Evaluation --------------------------------------------------------------------------------------------
     if training_args.do_eval:
         metrics = trainer.evaluate()
-        metrics["eval_samples"] = len(splits["validation"].dataset)
+        metrics["eval_samples"] = eval_input.rows
         metrics.update(skipped["validation"])
         metrics.update(trainer.undecodable("eval", "eval"))
         for block in recipe_blocks("eval", metrics):

@@ -94,7 +94,7 @@ def bench_worker(paths: dict[str, str], limit: int, repeat: int) -> dict[str, li
     from transformers import AutoTokenizer
 
     from clip_train.data.dataset import build_dataset
-    from clip_train.data.shard_stream import ShardStream
+    from clip_train.data.shard_stream import SampleFormat, ShardStream, StreamConfig
 
     tok = AutoTokenizer.from_pretrained(paths["tiny"])
     urls = sorted(glob.glob(os.path.join(paths["shards"], "*.tar")))
@@ -105,9 +105,9 @@ def bench_worker(paths: dict[str, str], limit: int, repeat: int) -> dict[str, li
                                  use_cache=False, cache_dir=tmp, num_proc=None, overwrite_cache=False,
                                  skipped=Counter())  # fmt: skip
         for seed in range(repeat):
-            stream = ShardStream(urls, tokenizer=tok, max_len=128, image_size=IMAGE_SIZE, image_keys=["jpg"],
-                                 caption_key="txt", batch_size=1, world=1, rank=0, workers=1, num_samples=limit + 1,
-                                 seed=seed, shuffle_buffer=1000)  # fmt: skip
+            config = StreamConfig(num_samples=limit + 1, batch_size=1, world=1, rank=0, workers=1, seed=seed,
+                                  shuffle_buffer=1000)  # fmt: skip
+            stream = ShardStream(urls, SampleFormat(("jpg",), "txt", tok, 128, IMAGE_SIZE), config)
             samples = iter(stream)
             next(samples)  # steady state: the shuffle buffer's first fill (1000 raw samples) is start-up
             t = time.perf_counter()

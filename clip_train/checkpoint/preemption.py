@@ -4,7 +4,8 @@ Schedulers send SIGTERM some time before SIGKILL (torchrun forwards it to its wo
 ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds, 30 by default). During training the signal only raises a flag; at the
 end of each optimizer step the ranks agree on it, and all of them ask the Trainer for a save and a stop at that same
 step, so ``CheckpointMarker`` marks the checkpoint complete as for any save. run_clip.py then raises ``Preempted``
-and exits 128 + the signal number with one line naming the checkpoint. A second Ctrl-C interrupts at once.
+and exits 128 + the signal number with one line naming the checkpoint. A second signal, or one before the first
+step began (nothing to save yet; the input may be stuck), takes the default action at once.
 
 Agreement costs one all-reduce of one CPU int per step on a gloo group (the world group on CPU, a gloo side group
 next to HCCL/NCCL), so it never waits for the accelerator: the host only meets the other ranks' hosts, which the
@@ -51,9 +52,13 @@ class PreemptionHandler(TrainerCallback):
         self._previous: dict[int, Any] = {}
         self._group: Any = None
         self._every = 1
+        # A step has begun since training started: a save at its end is worth waiting for.
+        self._stepping = False
 
     def _handler(self, signum: int, frame: Any) -> None:
-        if self.signum:  # the second one: the user means it
+        # The second one (the user means it), or one before any step began (nothing new to save, and the step it
+        # would wait for may never come: input that yields nothing): the default action, at once.
+        if self.signum or not self._stepping:
             signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
             signal.raise_signal(signum)
             return
@@ -79,6 +84,9 @@ class PreemptionHandler(TrainerCallback):
                         "no gloo side group (%s): pre-emption checked every %d steps", exc, self._every
                     )
 
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._stepping = True
+
     def _agreed_signal(self, args: Any) -> int:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self.signum
@@ -88,6 +96,7 @@ class PreemptionHandler(TrainerCallback):
         return int(flag.item())
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._stepping = True
         if state.global_step >= state.max_steps or state.global_step % self._every:
             return  # the last step ends the run anyway; it saves and reports as usual
         signum = self._agreed_signal(args)

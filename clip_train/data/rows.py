@@ -5,15 +5,13 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 import datasets
-import numpy as np
 
 from clip_train.data.coco import SplitRows, check_split, load_coco_split
 from clip_train.data.dataset import ClipDataset, build_dataset
-from clip_train.errors import DataError, SetupError
+from clip_train.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -86,23 +84,16 @@ def check_readable(data_args: Any, split: str) -> None:
     check_split(data_args.data_dir, split, data_args.dataset_config_name or "2017")
 
 
-@dataclass
-class Split:
-    dataset: ClipDataset
-    image_paths: list[str]
-    rows: np.ndarray
-    skipped: Counter
-
-
 def make_split(rows: SplitRows, tokenizer: Any, data_args: Any, *, image_size: int, cache_dir: str,
-               limit: int | None, name: str = "data") -> Split:  # fmt: skip
+               limit: int | None, name: str = "data") -> tuple[ClipDataset, list[str], Counter]:  # fmt: skip
+    """The ready dataset of a split's first ``limit`` rows, its unique image paths, and the rows left out."""
     captions, paths = rows.columns["caption"], rows.columns["image_path"]
     if limit is not None:
         captions, paths = captions[:limit], paths[:limit]
     skipped = Counter(rows.skipped)
     if not captions:  # stop here, with the reasons, rather than deep inside tokenisation
         raise DataError(f"the {name} split has no usable rows (skipped: {dict(skipped)})")
-    ds, unique, kept = build_dataset(
+    ds, unique, _ = build_dataset(
         captions,
         paths,
         tokenizer,
@@ -117,23 +108,4 @@ def make_split(rows: SplitRows, tokenizer: Any, data_args: Any, *, image_size: i
     if skipped:
         logger.warning("%s: %d of %d rows kept; skipped: %s", name, len(ds), len(captions) + sum(rows.skipped.values()),
                        ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))  # fmt: skip
-    return Split(ds, unique, kept, skipped)
-
-
-def check_sizes(splits: dict[str, Split], training_args: Any) -> None:
-    """Stop early, with the numbers, when a split cannot make a single batch."""
-    for name, split in splits.items():
-        n = len(split.dataset)
-        if n == 0:
-            raise DataError(f"the {name} split has no usable rows (skipped: {dict(split.skipped)})")
-        per_device = (
-            training_args.per_device_train_batch_size
-            if name == "train"
-            else training_args.per_device_eval_batch_size
-        )
-        batch = per_device * training_args.world_size
-        if training_args.dataloader_drop_last and n < batch:
-            raise SetupError(
-                f"the {name} split has {n} rows, fewer than one batch ({per_device} x {training_args.world_size} "
-                "ranks) with --dataloader_drop_last: lower the batch size or add data"
-            )
+    return ds, unique, skipped

@@ -1,4 +1,4 @@
-"""--train_shards / --validation_shards: the splits run_clip.py builds from WebDataset shards.
+"""--train_shards / --validation_shards: the splits read from WebDataset shards (data/inputs.py picks them).
 
 Training streams (shard_stream.py). Validation is read whole, once, into the same in-memory ClipDataset the COCO
 path gives (validation sets are small: COCO val2017 is 5,000 images, 0.75 GB decoded at 224), so eval loss and
@@ -10,6 +10,7 @@ image downloaded twice counts as one image, which is what retrieval should do wi
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -21,15 +22,10 @@ from webdataset.shardlists import expand_urls
 
 from clip_train.data.dataset import ClipDataset, tokenize_captions
 from clip_train.data.images import BadImage, decode_image
-from clip_train.data.rows import Split
-from clip_train.data.shard_stream import ShardStream, read_samples
+from clip_train.data.shard_stream import SampleFormat, ShardStream, StreamConfig, read_samples
 from clip_train.errors import DataError
 
 logger = logging.getLogger(__name__)
-
-
-def given(data_args: Any, split: str) -> bool:
-    return bool(data_args.train_shards if split == "train" else data_args.validation_shards)
 
 
 def expand_shards(spec: str) -> list[str]:
@@ -70,16 +66,41 @@ def _read_json(path: str) -> dict:
         raise DataError(f"{path}: not a readable json file ({e})") from e
 
 
-def make_split(split: str, data_args: Any, training_args: Any, tokenizer: Any, image_size: int,
-               cache_dir: str) -> Split:  # fmt: skip
-    image_keys = [k.strip().lower() for k in data_args.image_key.split(";") if k.strip()]
-    other = data_args.train_file if split == "train" else data_args.validation_file
-    if other:
-        raise DataError(f"give the {split} split either as shards or as {other!r}, not both")
-    if split == "validation":
-        return _validation(expand_shards(data_args.validation_shards), data_args, tokenizer, image_size,
-                           image_keys, cache_dir)  # fmt: skip
+def sample_format(data_args: Any, tokenizer: Any, image_size: int) -> SampleFormat:
+    image_keys = tuple(k.strip().lower() for k in data_args.image_key.split(";") if k.strip())
+    return SampleFormat(image_keys, data_args.caption_key.strip().lower(), tokenizer, data_args.max_seq_length,
+                        image_size)  # fmt: skip
+
+
+KEY_CHECK_SAMPLES = 50
+
+
+def check_keys(urls: list[str], fmt: SampleFormat, what: str) -> None:
+    """Stop with one line, before any training, when none of the first samples holds the caption or image key
+    (a wrong --caption_key/--image_key would otherwise skip every sample). Reads only those samples' bytes."""
+    found: Counter = Counter()
+    n = 0
+    for sample in itertools.islice(read_samples(urls, lambda url, e: None), KEY_CHECK_SAMPLES):
+        n += 1
+        found.update(k for k in sample if not k.startswith("__"))
+    if not n:
+        raise DataError(f"{what}: no readable sample in {urls[:3]}{'...' if len(urls) > 3 else ''}")
+    wrong = [] if found[fmt.caption_key] else [f"--caption_key {fmt.caption_key}"]
+    if not any(found[k] for k in fmt.image_keys):
+        wrong.append(f"--image_key {';'.join(fmt.image_keys)}")
+    if wrong:
+        keys = ", ".join(f"{k} ({c})" for k, c in sorted(found.items()))
+        raise DataError(f"{what}: none of the first {n} samples has a file for {' or '.join(wrong)}; their keys "
+                        f"(samples): {keys}. Set the flag to one of them")  # fmt: skip
+
+
+def make_stream(data_args: Any, training_args: Any, tokenizer: Any, image_size: int) -> ShardStream:
+    """--train_shards as this rank's stream (training_args is only read)."""
+    if data_args.train_file:
+        raise DataError(f"give the train split either as shards or as {data_args.train_file!r}, not both")
     urls = expand_shards(data_args.train_shards)
+    fmt = sample_format(data_args, tokenizer, image_size)
+    check_keys(urls, fmt, "--train_shards")
     sizes = shard_sizes(urls)
     n = data_args.train_num_samples or (sum(sizes.values()) if sizes else None)
     if n and data_args.max_train_samples:
@@ -89,55 +110,60 @@ def make_split(split: str, data_args: Any, training_args: Any, tokenizer: Any, i
             "--train_shards: how many samples an epoch has is unknown: give --train_num_samples N, or put a "
             "sizes.json ({shard file: samples}) or img2dataset's NNNNN_stats.json next to the shards"
         )
-    stream = ShardStream(
-        urls, tokenizer=tokenizer, max_len=data_args.max_seq_length, image_size=image_size,
-        image_keys=image_keys, caption_key=data_args.caption_key,
-        batch_size=training_args.per_device_train_batch_size, world=training_args.world_size,
-        rank=training_args.process_index, workers=training_args.dataloader_num_workers, num_samples=n,
+    config = StreamConfig(
+        num_samples=n, batch_size=training_args.per_device_train_batch_size, world=training_args.world_size,
+        rank=training_args.process_index, workers=training_args.dataloader_num_workers,
         seed=training_args.data_seed if training_args.data_seed is not None else training_args.seed,
-        shuffle_buffer=data_args.shuffle_buffer, sizes=sizes,
+        shuffle_buffer=data_args.shuffle_buffer,
     )  # fmt: skip
-    # The stream resumes itself mid-epoch (shard_stream.ShardStateCallback); the Trainer must not also skip batches.
-    training_args.ignore_data_skip = True
+    stream = ShardStream(urls, fmt, config, sizes)
     logger.info(
         "train: %d shards, %d samples an epoch -> %d batches of %d on each of %d rank(s), %d loader worker(s) each",
         len(urls), n, stream.batches_per_epoch, stream.batch_size, stream.world, stream.workers,
     )  # fmt: skip
-    return Split(stream, [], np.zeros(0, np.int64), Counter())
+    return stream
 
 
-def _validation(urls: list[str], data_args: Any, tokenizer: Any, image_size: int, image_keys: list[str],
-                cache_dir: str) -> Split:  # fmt: skip
+def read_validation(
+    data_args: Any, tokenizer: Any, image_size: int, cache_dir: str
+) -> tuple[ClipDataset, Counter]:
+    """--validation_shards read whole into a ClipDataset (its first --max_eval_samples rows, as the COCO path),
+    and the rows left out, by kind."""
+    if data_args.validation_file:
+        raise DataError(
+            f"give the validation split either as shards or as {data_args.validation_file!r}, not both"
+        )
+    urls = expand_shards(data_args.validation_shards)
+    fmt = sample_format(data_args, tokenizer, image_size)
+    check_keys(urls, fmt, "--validation_shards")
+    limit = data_args.max_eval_samples
     skipped: Counter = Counter()
     captions: list[str] = []
     image_of: list[int] = []
     index: dict[bytes, int] = {}
     images: list[np.ndarray] = []
     bad: set[bytes] = set()
+    rows = 0  # rows with an image and a caption, as the COCO path counts them for --max_eval_samples
 
     def on_error(url: str, exn: Exception) -> None:
         logger.warning("shard %s: %s; the rest of it is skipped", url, str(exn).splitlines()[0][:300])
         skipped["corrupt_shards"] += 1
 
     for sample in read_samples(urls, on_error, shard_sizes(urls)):
-        key = next((k for k in image_keys if k in sample), None)
-        text = sample.get(data_args.caption_key)
-        if key is None or text is None:
-            skipped["missing_caption" if text is None else "missing_image"] += 1
+        if limit is not None and rows >= limit:
+            break
+        picked = fmt.pick(sample, skipped)
+        if picked is None:
             continue
-        caption = text.decode("utf-8", "replace").strip()
-        if not caption:
-            skipped["empty_caption"] += 1
-            continue
-        digest = hashlib.sha1(sample[key]).digest()
+        rows += 1
+        image, caption = picked
+        digest = hashlib.sha1(image).digest()
         if digest in bad:
             skipped["rows_of_bad_images"] += 1
             continue
         if digest not in index:
             try:
-                images.append(
-                    decode_image(sample[key], image_size, f"{sample['__url__']}:{sample['__key__']}")
-                )
+                images.append(decode_image(image, image_size, f"{sample['__url__']}:{sample['__key__']}"))
             except BadImage as e:
                 logger.warning("bad image skipped: %s", e)
                 bad.add(digest)
@@ -154,5 +180,4 @@ def _validation(urls: list[str], data_args: Any, tokenizer: Any, image_size: int
     logger.info("validation: %d samples over %d images from %d shards", len(captions), len(images), len(urls))
     if skipped:
         logger.warning("validation: skipped %s", ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
-    ds = ClipDataset(flat, offsets, np.asarray(image_of, np.int64), np.stack(images))
-    return Split(ds, [], np.arange(len(captions)), skipped)
+    return ClipDataset(flat, offsets, np.asarray(image_of, np.int64), np.stack(images)), skipped

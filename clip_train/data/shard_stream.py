@@ -12,22 +12,27 @@ Trainer's step count on every rank.
   global batch is dropped, as ``--dataloader_drop_last``). Batch ``k`` of a rank comes from its worker ``k % workers``
   (the DataLoader's round robin), so each stream has a fixed quota of batches. A stream whose shards run out first
   (uneven shard sizes, skipped samples) reads its shards again, reshuffled: those samples are seen twice that epoch,
-  and no rank waits on another.
+  and no rank waits on another. A whole pass over a stream's shards without one usable sample (wrong keys, every
+  image undecodable) is a DataError, not an endless loop.
 - **Resume.** Every batch carries (its stream, how many raw samples that stream has drawn from its buffer, skips).
-  When the Trainer saves, each rank writes that progress to ``checkpoint-N/shard_stream-rank{r}.json``. On resume
-  each stream replays its raw sample order up to where it was (tar bytes are read, nothing is decoded) and goes on:
+  Every checkpoint the Trainer saves gets each rank's progress in ``checkpoint-N/shard_stream-rank{r}.json``
+  (ClipTrainer writes it when it writes the checkpoint, whoever decided the save). On resume the Trainer counts the
+  resumed epoch's batches as usual but does not fast-forward the loader (ClipTrainer hands it back unchanged); each
+  stream replays its raw sample order up to where it was (tar bytes are read, nothing is decoded) and goes on:
   the resumed run sees exactly the batches an uninterrupted run would have, in the same order (the same world size,
   batch size and worker count are required; a checkpoint without the file resumes as if no sample had been skipped).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import random
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -91,29 +96,69 @@ def read_samples(urls: list[str], on_error: Any, sizes: dict[str, int] | None = 
             on_error(url, ValueError(f"{counts[url]} samples where its sizes file lists {listed}: cut short"))
 
 
-class ShardStream(IterableDataset):
-    """Per-sample dicts ({"input_ids", "pixel_values", "_meta"}) for one rank; see the module docstring."""
+@dataclass(frozen=True)
+class SampleFormat:
+    """Which files of a shard sample hold the image and the caption, and what a sample becomes (image size,
+    caption tokens). Shared by the training stream and the validation reader."""
 
-    def __init__(self, urls: list[str], *, tokenizer: Any, max_len: int, image_size: int, image_keys: list[str],
-                 caption_key: str, batch_size: int, world: int, rank: int, workers: int, num_samples: int,
-                 seed: int, shuffle_buffer: int, sizes: dict[str, int] | None = None) -> None:  # fmt: skip
-        self.urls, self.tokenizer, self.max_len, self.image_size = urls, tokenizer, max_len, image_size
-        self.image_keys, self.caption_key = image_keys, caption_key
-        self.batch_size, self.world, self.rank, self.workers = batch_size, world, rank, max(1, workers)
-        self.seed, self.shuffle_buffer, self.sizes = seed, shuffle_buffer, sizes
-        self.num_samples = num_samples
-        self.batches_per_epoch = num_samples // (batch_size * world)
-        streams = world * self.workers
+    image_keys: tuple[str, ...]  # lower case, as webdataset groups them
+    caption_key: str
+    tokenizer: Any
+    max_len: int
+    image_size: int
+
+    def pick(self, sample: dict, skipped: Counter) -> tuple[bytes, str] | None:
+        """(image bytes, caption) of a raw sample, or None (counted in ``skipped`` by kind) if it has none."""
+        image_key = next((k for k in self.image_keys if k in sample), None)
+        text = sample.get(self.caption_key)
+        if image_key is None or text is None:
+            skipped["missing_caption" if text is None else "missing_image"] += 1
+            return None
+        caption = text.decode("utf-8", "replace").strip()
+        if not caption:
+            skipped["empty_caption"] += 1
+            return None
+        return sample[image_key], caption
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """How one rank streams an epoch: the samples an epoch has (all ranks), the batch, the ranks and loader workers
+    the shards are dealt to, the seed of the shard order and of the shuffle buffers."""
+
+    num_samples: int
+    batch_size: int
+    world: int
+    rank: int
+    workers: int
+    seed: int
+    shuffle_buffer: int
+
+
+class ShardStream(IterableDataset):
+    """Per-sample dicts ({"input_ids", "pixel_values", "_meta"}) for one rank; see the module docstring. A sized
+    IterableDataset: its length is the samples trained per epoch (all ranks), which is what the Trainer needs to
+    run by epochs."""
+
+    def __init__(self, urls: list[str], fmt: SampleFormat, config: StreamConfig,
+                 sizes: dict[str, int] | None = None) -> None:  # fmt: skip
+        self.urls, self.fmt, self.sizes = urls, fmt, sizes
+        self.batch_size, self.world, self.rank = config.batch_size, config.world, config.rank
+        self.workers = max(1, config.workers)
+        self.seed, self.shuffle_buffer = config.seed, config.shuffle_buffer
+        self.num_samples = config.num_samples
+        self.batches_per_epoch = config.num_samples // (self.batch_size * self.world)
+        streams = self.world * self.workers
         if len(urls) < streams:
             raise DataError(
-                f"{len(urls)} train shards for {world} rank(s) x {self.workers} loader worker(s) = {streams} "
+                f"{len(urls)} train shards for {self.world} rank(s) x {self.workers} loader worker(s) = {streams} "
                 "streams: every stream needs at least one shard. Use more shards (write smaller ones) or "
                 "fewer --dataloader_num_workers"
             )
         if self.batches_per_epoch < 1:
             raise DataError(
-                f"{num_samples} samples are fewer than one global batch ({batch_size} x {world} ranks): "
-                "check --train_num_samples or the sizes file"
+                f"{config.num_samples} samples are fewer than one global batch ({self.batch_size} x {self.world} "
+                "ranks): check --train_num_samples or the sizes file"
             )
         self.epoch = 0
         self.resume: dict | None = None  # saved progress of the epoch to continue (set by ShardStateCallback)
@@ -157,46 +202,57 @@ class ShardStream(IterableDataset):
         quota = len(range(j, self.batches_per_epoch, self.workers)) - len(range(j, done, self.workers))
         return self._samples(self.epoch, j, self.progress["emitted"][j], quota * self.batch_size)
 
-    def _raw(self, epoch: int, stream: int, pending: Counter) -> Iterator[dict]:
-        """Raw samples of stream ``stream`` (of this rank), shuffled; passes over its shards until the consumer
-        stops. The buffer drains at the end of each pass (it must not pull the next pass's samples forward)."""
-        order = list(self.urls)
-        random.Random(f"{self.seed}/{epoch}").shuffle(order)
-        mine = order[self.rank * self.workers + stream :: self.world * self.workers]
+    def _raw(self, epoch: int, stream: int, pending: Counter) -> Iterator[dict | None]:
+        """Raw samples of stream ``stream`` (of this rank), shuffled, then None at the end of each pass over its
+        shards; passes again until the consumer stops. The buffer drains at the end of each pass (it must not pull
+        the next pass's samples forward)."""
+        mine = self._shards_of(epoch, stream)
 
         def on_error(url: str, exn: Exception) -> None:
             logger.warning("shard %s: %s; the rest of it is skipped", url, str(exn).splitlines()[0][:300])
             pending["corrupt_shards"] += 1
 
-        for rerun in range(1_000_000):
+        for rerun in itertools.count():
             if rerun:  # the stream's quota is not met yet: its shards again, in another order
                 random.Random(f"{self.seed}/{epoch}/{self.rank}/{stream}/{rerun}").shuffle(mine)
             samples = read_samples(mine, on_error, self.sizes)
             if self.shuffle_buffer > 1:
                 rng = random.Random(f"{self.seed}/{epoch}/{self.rank}/{stream}/{rerun}/buffer")
                 samples = wds_shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
-            got = 0
-            for sample in samples:
-                got += 1
-                yield sample
-            if not got:
-                raise DataError(f"no readable sample in shards {mine[:3]}{'...' if len(mine) > 3 else ''}")
+            yield from samples
+            yield None
 
     def _samples(self, epoch: int, stream: int, skip: int, wanted: int) -> Iterator[dict]:
         pending: Counter = Counter()
         emitted = given = 0
         if wanted <= 0:
             return
+        this_pass: Counter = Counter()  # what the current pass over the stream's shards gave
         for sample in self._raw(epoch, stream, pending):
+            if sample is None:  # a whole pass without one usable sample would loop forever: stop instead
+                if not this_pass["usable"] and not this_pass["resumed"]:
+                    mine = self._shards_of(epoch, stream)
+                    raise DataError(
+                        f"a whole pass over the train shards {mine[:3]}{'...' if len(mine) > 3 else ''} gave no "
+                        "usable sample (skipped: "
+                        f"{dict(this_pass) or 'no sample read'}): check the "
+                        "shards, --caption_key and --image_key"
+                    )
+                this_pass.clear()
+                continue
             emitted += 1
             if (
                 emitted <= skip
             ):  # resuming: drawn before the checkpoint (not decoded; its skips already counted)
+                this_pass["resumed"] += 1
                 pending.clear()
                 continue
+            before = Counter(pending)
             item = self._decode(sample, pending)
+            this_pass.update(pending - before)
             if item is None:
                 continue
+            this_pass["usable"] += 1
             item["_meta"] = {
                 "stream": stream, "emitted": emitted, "skipped": dict(pending), "key": sample["__key__"]
             }  # fmt: skip
@@ -206,35 +262,29 @@ class ShardStream(IterableDataset):
             if given == wanted:
                 return
 
+    def _shards_of(self, epoch: int, stream: int) -> list[str]:
+        """The shards of stream ``stream`` of this rank in ``epoch`` (the epoch's shard order, dealt out)."""
+        order = list(self.urls)
+        random.Random(f"{self.seed}/{epoch}").shuffle(order)
+        return order[self.rank * self.workers + stream :: self.world * self.workers]
+
     def _decode(self, sample: dict, pending: Counter) -> dict | None:
-        image_key = next((k for k in self.image_keys if k in sample), None)
-        text = sample.get(self.caption_key)
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"
-        if image_key is None or text is None:
-            kind = "missing_caption" if text is None else "missing_image"
-            pending[kind] += 1
+        kinds = Counter(pending)
+        picked = self.fmt.pick(sample, pending)
+        if picked is None:
+            kind = next(iter(pending - kinds))
             logger.warning("sample %s skipped: %s", where, kind.replace("_", " "))
             return None
-        caption = text.decode("utf-8", "replace").strip()
-        if not caption:
-            pending["empty_caption"] += 1
-            logger.warning("sample %s skipped: empty caption", where)
-            return None
+        image, caption = picked
         try:
-            pixels = decode_image(sample[image_key], self.image_size, where)
+            pixels = decode_image(image, self.fmt.image_size, where)
         except BadImage as e:
             pending["undecodable_image"] += 1
             logger.warning("sample skipped: %s", e)
             return None
-        ids = self.tokenizer(caption, max_length=self.max_len, truncation=True)["input_ids"]
+        ids = self.fmt.tokenizer(caption, max_length=self.fmt.max_len, truncation=True)["input_ids"]
         return {"input_ids": np.asarray(ids, dtype=np.int32), "pixel_values": pixels}
-
-    # --- for the Trainer ----------------------------------------------------------------------------------------
-    def make_loader(self, args: Any, collator: Any) -> ShardLoader:
-        return ShardLoader(self, collator, args)
-
-    def callback(self) -> ShardStateCallback:
-        return ShardStateCallback(self)
 
 
 class _StreamCollator:
@@ -295,7 +345,9 @@ class ShardLoader(DataLoader):
 
 
 class ShardStateCallback(TrainerCallback):
-    """Writes each rank's stream progress into the checkpoint about to be saved; reads it back at resume."""
+    """Each rank's stream progress: ``save`` writes it into every checkpoint the Trainer saves (ClipTrainer calls
+    it from its checkpoint save, whoever decided the save: the step count, the clock, a pre-emption, a best
+    metric); ``on_train_begin`` reads it back at resume."""
 
     def __init__(self, stream: ShardStream) -> None:
         self.stream = stream
@@ -303,18 +355,14 @@ class ShardStateCallback(TrainerCallback):
     def _path(self, args: Any, step: int) -> str:
         return os.path.join(args.output_dir, f"checkpoint-{step}", STATE_FILE.format(rank=self.stream.rank))
 
-    def _write(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if not control.should_save:
-            return
-        path = self._path(args, state.global_step)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+    def save(self, checkpoint: str) -> None:
+        """Write this rank's progress (the batches handed to the Trainer so far) into ``checkpoint``."""
+        path = os.path.join(checkpoint, STATE_FILE.format(rank=self.stream.rank))
+        os.makedirs(checkpoint, exist_ok=True)
         body = {**self.stream.progress, "skipped": dict(self.stream.skipped), "layout": self.stream.layout()}
         with open(path + ".tmp", "w") as f:
             json.dump(body, f)
         os.replace(path + ".tmp", path)
-
-    on_step_end = _write
-    on_epoch_end = _write
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step == 0:
@@ -326,6 +374,7 @@ class ShardStateCallback(TrainerCallback):
             s.batches_per_epoch, (state.global_step - epoch * per_epoch) * args.gradient_accumulation_steps
         )
         path = self._path(args, state.global_step)
+        saved = None
         if os.path.isfile(path):
             with open(path) as f:
                 saved = json.load(f)
@@ -335,7 +384,12 @@ class ShardStateCallback(TrainerCallback):
                     "the same world size, batch size, loader workers, shards and seed (or --overwrite_output_dir)"
                 )
             s.skipped = Counter(saved["skipped"])
-        else:  # e.g. --resume_from_checkpoint from elsewhere: exact only if no sample was skipped before
+        if args.ignore_data_skip:  # as the Trainer does with a dataset: the resumed epoch starts over
+            logger.info("--ignore_data_skip: the shard stream starts epoch %d over", epoch)
+            return
+        if (
+            saved is None
+        ):  # e.g. --resume_from_checkpoint from elsewhere: exact only if no sample was skipped before
             logger.warning("%s not found: resuming the shard stream as if no sample had been skipped", path)
             saved = {"epoch": epoch, "batches": batches, "emitted": [len(range(j, batches, s.workers)) * s.batch_size
                                                                     for j in range(s.workers)]}  # fmt: skip

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
 import torch
+import transformers.trainer as transformers_trainer
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from clip_train.data.dataset import ClipDataset
+from clip_train.data.inputs import DataInfo
 from clip_train.device.apex_amp import BackendTrainerMixin
 from clip_train.device.backend import synchronize
 from clip_train.eval.evaluation import RetrievalSkipped, retrieval_eval
@@ -48,8 +52,13 @@ class ClipTrainer(BackendTrainerMixin, ContrastiveAccumulationMixin, Trainer):
         loss_scope: str = "local",
         retrieval: bool = True,
         pad_id: int = 1,
+        train_input: DataInfo | None = None,
         **kwargs: Any,
     ) -> None:
+        # The train split as data/inputs.get_data gives it: its dataset, and its own loader and progress if it has them.
+        self.train_input = train_input
+        if train_input is not None:
+            kwargs["train_dataset"] = train_input.dataset
         super().__init__(*args, **kwargs)
         self._mean = torch.tensor(image_mean).view(1, 3, 1, 1)
         self._std = torch.tensor(image_std).view(1, 3, 1, 1)
@@ -61,13 +70,39 @@ class ClipTrainer(BackendTrainerMixin, ContrastiveAccumulationMixin, Trainer):
         # Samples left out of batches on the fly, by phase, this rank: device tensors summed without a host sync.
         self._undecodable: dict[str, Any] = {}
         self.add_callback(_StepClock(self._clock))
-        if hasattr(self.train_dataset, "make_loader"):  # streamed shards save their progress with checkpoints
-            self.add_callback(self.train_dataset.callback())
+        if train_input is not None and train_input.progress is not None:
+            self.add_callback(train_input.progress)  # reads the loader's progress back at resume
 
+    # --- input ------------------------------------------------------------------------------------------------
     def get_train_dataloader(self) -> Any:
         # Streamed shards split themselves over ranks and workers: accelerate's wrapper would make each rank read all.
-        make = getattr(self.train_dataset, "make_loader", None)
-        return make(self.args, self.data_collator) if make else super().get_train_dataloader()
+        if self.train_input is not None and self.train_input.make_loader is not None:
+            return self.train_input.make_loader(self.data_collator, self.args)
+        return super().get_train_dataloader()
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        # A loader that resumes itself (the shard stream) must not be fast-forwarded by the Trainer, which would
+        # rebuild it and read the trained batches again; but the Trainer must still count the resumed epoch's batches
+        # as usual, or its last accumulation window never steps (--ignore_data_skip restarts that count at 0). So
+        # the Trainer resumes as for any dataset, and its fast-forward hands this loader back unchanged.
+        if self.train_input is None or self.train_input.progress is None:
+            return super()._run_epoch(*args, **kwargs)
+        skip = transformers_trainer.skip_first_batches  # the Trainer's only call of it is in _run_epoch
+        transformers_trainer.skip_first_batches = _resumes_itself
+        try:
+            return super()._run_epoch(*args, **kwargs)
+        finally:
+            transformers_trainer.skip_first_batches = skip
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        # Here, not in a callback: every checkpoint gets the loader's progress whoever decided the save (steps, clock,
+        # pre-emption, best metric), and before on_save, where CheckpointMarker lists the folder's files.
+        if self.train_input is not None and self.train_input.progress is not None:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            self.train_input.progress.save(folder)
 
     # --- loss -------------------------------------------------------------------------------------------------
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
@@ -169,8 +204,8 @@ class ClipTrainer(BackendTrainerMixin, ContrastiveAccumulationMixin, Trainer):
         one was drawn), as ``{prefix}_skipped_undecodable_samples``; empty when there were none. Collective: every
         rank calls it."""
         counts = {"undecodable_samples": self._undecodable.get(phase, 0)}
-        if phase == "train" and hasattr(self.train_dataset, "skip_counts"):  # streamed shards' skips
-            counts.update(self.train_dataset.skip_counts())
+        if phase == "train" and self.train_input is not None and self.train_input.skip_counts is not None:
+            counts.update(self.train_input.skip_counts())  # streamed shards' skips, this rank
         # The undecodable count may be a device tensor (summed without a per-step sync): stack, do not rebuild.
         values = torch.stack(
             [torch.as_tensor(v, device=self.args.device).reshape(()) for v in counts.values()]
@@ -227,6 +262,11 @@ class ClipTrainer(BackendTrainerMixin, ContrastiveAccumulationMixin, Trainer):
             "train_steps_per_second": round(steps / seconds, 3),
             "train_timed_steps": int(steps),
         }
+
+
+def _resumes_itself(loader: Any, num_batches: int = 0) -> Any:
+    """The Trainer's fast-forward for a loader that resumes itself: nothing to skip."""
+    return loader
 
 
 class _StepClock(TrainerCallback):

@@ -22,7 +22,7 @@ from conftest import REPO, run_py
 from clip_train.checkpoint.layout import complete_checkpoints
 from clip_train.data.coco import load_coco_split
 from clip_train.data.shard_reader import shard_sizes
-from clip_train.data.shard_stream import ShardStream, read_samples
+from clip_train.data.shard_stream import SampleFormat, ShardStream, StreamConfig, read_samples
 from clip_train.errors import DataError
 from clip_train.shards import write_shards
 
@@ -79,12 +79,12 @@ def test_writer_writes_img2dataset_layout(shards):
 
 def test_too_few_shards_or_samples_is_a_clear_error(shards):
     urls = [str(shards["root"] / "val" / f"{i:05d}.tar") for i in range(4)]
-    common = dict(tokenizer=None, max_len=16, image_size=32, image_keys=["jpg"], caption_key="txt", seed=0,
-                  shuffle_buffer=10, rank=0)  # fmt: skip
+    fmt = SampleFormat(("jpg",), "txt", tokenizer=None, max_len=16, image_size=32)
+    common = dict(seed=0, shuffle_buffer=10, rank=0)
     with pytest.raises(DataError, match="every stream needs at least one shard"):
-        ShardStream(urls, batch_size=8, world=2, workers=4, num_samples=200, **common)
+        ShardStream(urls, fmt, StreamConfig(batch_size=8, world=2, workers=4, num_samples=200, **common))
     with pytest.raises(DataError, match="fewer than one global batch"):
-        ShardStream(urls, batch_size=64, world=2, workers=2, num_samples=100, **common)
+        ShardStream(urls, fmt, StreamConfig(batch_size=64, world=2, workers=2, num_samples=100, **common))
 
 
 def test_a_shard_cut_between_members_is_caught_by_its_sizes_file(shards, tmp_path):
@@ -182,14 +182,17 @@ def test_bad_samples_and_a_truncated_shard_are_counted_and_skipped(shards, tmp_p
 
 
 def test_retrieval_from_validation_shards_equals_the_coco_folder(shards, tmp_path):
+    """Also with --max_eval_samples (the first 120 of the 200 validation rows), which both paths honour."""
     found = {}
     for name, source in (("shards", ["--validation_shards", f"{shards['root']}/val/{{00000..00003}}.tar"]),
                          ("coco", ["--data_dir", shards["data_dir"]])):  # fmt: skip
         out = tmp_path / name
         r = run_py(["run_clip.py", "--output_dir", str(out), "--model_name_or_path", shards["model"], "--do_eval",
-                    "--per_device_eval_batch_size", "16", "--report_to", "none", "--use_cpu", *source])  # fmt: skip
+                    "--per_device_eval_batch_size", "16", "--max_eval_samples", "120", "--report_to", "none",
+                    "--use_cpu", *source])  # fmt: skip
         assert r.returncode == 0, r.stderr[-3000:]
         found[name] = json.load(open(out / "eval_results.json"))
+    assert found["shards"]["eval_samples"] == found["coco"]["eval_samples"] == 120
     wanted = ("eval_loss", "eval_retrieval_images")
     keys = [k for k in found["coco"] if "R@" in k or "rank" in k or k in wanted]
     assert len(keys) > 10
