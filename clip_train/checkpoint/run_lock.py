@@ -20,6 +20,9 @@ from typing import IO
 logger = logging.getLogger(__name__)
 
 LOCK = "run.lock"
+# Forked children (DataLoader workers) share the holder's lock and outlive a kill -9 of it by a few seconds (they
+# poll for their parent's death every 5 s): a lock whose recorded holder is dead is waited for this long.
+ORPHAN_WAIT_S = 30.0
 _held: dict[str, IO] = {}  # folder -> the open lock file, kept open (locked) for the life of the process
 
 
@@ -27,6 +30,20 @@ def lock_name(per_node: bool) -> str:
     """``run.lock``; with --save_on_each_node each node's first rank locks its own (run.<host>.lock), since the
     folder may be one shared by every node."""
     return f"run.{socket.gethostname()}.lock" if per_node else LOCK
+
+
+def _orphaned(record: str) -> bool:
+    """Whether the recorded holder ran on this host and is gone (its lock then lives on in its children only)."""
+    try:
+        held = json.loads(record)
+        if held["host"] != socket.gethostname():
+            return False
+        os.kill(int(held["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return False
 
 
 def _describe(record: str) -> str:
@@ -43,13 +60,20 @@ def take(folder: str, name: str = LOCK) -> str | None:
     if os.path.realpath(path) in _held:
         return None
     f = open(path, "a+")  # noqa: SIM115 - stays open: closing it would drop the lock
+    deadline = time.monotonic() + ORPHAN_WAIT_S
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = _describe(f.read())
-        f.close()
-        return holder
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                f.seek(0)
+                record = f.read()
+                if not _orphaned(record) or time.monotonic() > deadline:
+                    f.close()
+                    return _describe(record) + (" (ended; its child processes still hold the lock)"
+                                                if _orphaned(record) else "")  # fmt: skip
+                time.sleep(0.5)
     except OSError as e:  # a file system without locks: run unguarded rather than not at all
         f.close()
         logger.warning("no lock on %s (%s): nothing stops a second run from using this folder", path, e)

@@ -72,3 +72,26 @@ def test_overwrite_leaves_only_the_new_runs_results(demo, tmp_path):
     assert "eval_image_to_text_R@1" not in results and results["train_skipped_nonfinite_steps"] == 0
     assert results["epoch"] != 7.0 and results["train_loss"] != pytest.approx(0.1)
     assert not (out / "eval_results.json").exists()  # this run did not evaluate
+
+
+HOLD_WITH_A_WORKER = """
+import os, sys, time
+from clip_train.checkpoint import run_lock
+assert run_lock.take(sys.argv[1]) is None
+if os.fork() == 0:  # a DataLoader worker: forked, so it shares the lock, and outlives its parent briefly
+    time.sleep(2)
+    os._exit(0)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_lock_kept_by_a_killed_runs_leftover_worker_is_waited_for(tmp_path) -> None:
+    first = subprocess.Popen(
+        [sys.executable, "-c", HOLD_WITH_A_WORKER, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )  # fmt: skip
+    assert first.stdout.readline().strip() == "locked"
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    assert run_lock.take(str(tmp_path)) is None  # once the worker is gone, not "in use by pid <dead>"
