@@ -88,9 +88,7 @@ class NonFiniteStepMixin:
         self._pending: list[tuple[int, Any]] = []  # (step, _DeviceFlag) of lazily guarded steps not yet read
         self._skipped_steps: list[int] = []  # the steps (1-based, as logged) whose update was not applied
         self._consecutive_skips = 0
-        self._clean_steps = (
-            0  # applied steps since the last skip (a lowered static scale grows back after enough)
-        )
+        self._clean_steps = 0  # applied steps since the last skip (a lowered static scale grows back)
         self._scale_ceiling: float | None = None  # the static scale asked for (recorded when first lowered)
         super().__init__(*args, **kwargs)
 
