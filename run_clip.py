@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from clip_train import model as model_parts
+from clip_train.checkpoint import finishing
 from clip_train.checkpoint import output_dir as outputs
 from clip_train.checkpoint import saving as checkpointing
 from clip_train.checkpoint.preemption import Preempted, PreemptionHandler
@@ -160,46 +161,55 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.add_callback(preemption)
 
     # 6. Training ----------------------------------------------------------------------------------------------
+    final = finishing.FinalPhase()  # from here a SIGTERM waits for the final save to be complete
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=resume_from)
         preemption.check(training_args.output_dir)
-        metrics = {**train_result.metrics, **trainer.throughput_metrics(), **skipped["train"]}
-        metrics.update(trainer.undecodable("train", "train"))
-        metrics.update(trainer.backend_metrics("train"))
-        metrics.update(memory.peak_device_memory_metrics(training_args.device))
-        metrics["train_samples"] = train_input.rows
-        if not metrics["train_timed_steps"]:
-            logger.warning(
-                "no FPS: this run trained no step past --skip_steps %d (it ended at step %d of %d)",
-                recipe_args.skip_steps, trainer.state.global_step, trainer.state.max_steps,
-            )  # fmt: skip
-        trainer.save_model()
-        if trainer.is_world_process_zero():
-            processor = VisionTextDualEncoderProcessor(image_processor=image_processor, tokenizer=tokenizer)
-            processor.save_pretrained(training_args.output_dir)
-            image_processor.save_pretrained(
-                training_args.output_dir
-            )  # preprocessor_config.json for older readers
-        for block in recipe_blocks("train", metrics):  # the recipe's grep reads the first block
-            trainer.log_metrics("train", block)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
+        with final:
+            metrics = {**train_result.metrics, **trainer.throughput_metrics(), **skipped["train"]}
+            metrics.update(trainer.undecodable("train", "train"))
+            metrics.update(trainer.backend_metrics("train"))
+            metrics.update(memory.peak_device_memory_metrics(training_args.device))
+            metrics["train_samples"] = train_input.rows
+            if not metrics["train_timed_steps"]:
+                logger.warning(
+                    "no FPS: this run trained no step past --skip_steps %d (it ended at step %d of %d)",
+                    recipe_args.skip_steps, trainer.state.global_step, trainer.state.max_steps,
+                )  # fmt: skip
+            trainer.save_model()
+            if trainer.is_world_process_zero():
+                processor = VisionTextDualEncoderProcessor(
+                    image_processor=image_processor, tokenizer=tokenizer
+                )
+                processor.save_pretrained(training_args.output_dir)
+                image_processor.save_pretrained(
+                    training_args.output_dir
+                )  # preprocessor_config.json for older readers
+            for block in recipe_blocks("train", metrics):  # the recipe's grep reads the first block
+                trainer.log_metrics("train", block)
+            trainer.save_metrics("train", metrics, combined=False)  # all_results.json comes last
+            trainer.save_state()
+        final.stop_if_signalled(training_args)
         results.update(metrics)
 
     # 7. Evaluation --------------------------------------------------------------------------------------------
-    if training_args.do_eval:
-        metrics = trainer.evaluate()
-        metrics["eval_samples"] = eval_input.rows
-        metrics.update(skipped["validation"])
-        metrics.update(trainer.undecodable("eval", "eval"))
-        for block in recipe_blocks("eval", metrics):
-            trainer.log_metrics("eval", block)
-        trainer.save_metrics("eval", metrics)
-        if training_args.do_train:
-            trainer.save_state()  # trainer_state.json then holds the final evaluation too
-        results.update(metrics)
-    if trainer.is_world_process_zero():
-        save_plots(trainer.state.log_history, training_args.output_dir)
+    with final:
+        if training_args.do_eval:
+            metrics = trainer.evaluate()
+            metrics["eval_samples"] = eval_input.rows
+            metrics.update(skipped["validation"])
+            metrics.update(trainer.undecodable("eval", "eval"))
+            for block in recipe_blocks("eval", metrics):
+                trainer.log_metrics("eval", block)
+            trainer.save_metrics("eval", metrics, combined=False)
+            if training_args.do_train:
+                trainer.save_state()  # trainer_state.json then holds the final evaluation too
+            results.update(metrics)
+        if trainer.is_world_process_zero():
+            save_plots(trainer.state.log_history, training_args.output_dir)
+            if training_args.do_train or training_args.do_eval:  # last: the sign of a finished run
+                finishing.write_results(training_args.output_dir, results)
+    final.note_late_signal()
     return results
 
 

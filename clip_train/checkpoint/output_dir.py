@@ -17,11 +17,16 @@ from typing import Any
 
 import torch.distributed as dist
 
+from clip_train.checkpoint import run_lock
 from clip_train.checkpoint.integrity import Check, differences, read_marker, run_identity, verify
 from clip_train.checkpoint.layout import MARKER, checkpoints
 from clip_train.errors import SetupError
 
 logger = logging.getLogger(__name__)
+
+# What the Trainer writes at the top of output_dir when a run ends: save_metrics merges into an all_results.json it
+# finds, so a fresh start removes them (a previous run's keys would be reported as this run's).
+RESULTS = ("all_results.json", "train_results.json", "eval_results.json", "trainer_state.json")
 
 
 def _check_writable(out: str) -> None:
@@ -84,6 +89,7 @@ def prepare_output_dir(training_args: Any, recipe_args: Any) -> str | None:
     """
     out = training_args.output_dir
     _check_writable(out)
+    _lock(out, training_args)
     if not training_args.do_train:
         return None
     asked = training_args.resume_from_checkpoint
@@ -148,7 +154,36 @@ def prepare_output_dir(training_args: Any, recipe_args: Any) -> str | None:
     if resume:
         _refuse_finished(resume, training_args)
         logger.info("Resuming from %s (pass --overwrite_output_dir to start fresh)", resume)
+    elif training_args.should_save:
+        _remove_results(out)
     return resume
+
+
+def _lock(out: str, training_args: Any) -> None:
+    """Take the folder's run lock (rank 0, or each node's first rank with --save_on_each_node); every rank stops
+    with the same one-line error when another run holds it."""
+    mine = None
+    if training_args.should_save:
+        mine = run_lock.take(out, run_lock.lock_name(training_args.save_on_each_node))
+    holder = next((h for h in _gather(mine) if h), None)
+    if holder:
+        raise SetupError(
+            f"--output_dir {out} is in use by another run ({holder}): wait for it to end, stop it, or choose "
+            "another --output_dir"
+        )
+
+
+def _remove_results(out: str) -> None:
+    """A fresh start: the previous run's results files go (the Trainer would merge into them)."""
+    gone = []
+    for name in RESULTS:
+        try:
+            os.remove(os.path.join(out, name))
+            gone.append(name)
+        except FileNotFoundError:
+            pass
+    if gone:
+        logger.warning("Starting fresh in %s: removed the previous run's %s", out, ", ".join(gone))
 
 
 def same_run(checkpoint: str | None, training_args: Any, loss_scope: str, model_path: str,

@@ -91,8 +91,9 @@ class BackendTrainerMixin(NonFiniteStepMixin):
             model.zero_grad = functools.partial(torch.nn.Module.zero_grad, model, set_to_none=False)
         return super().training_step(model, inputs, num_items_in_batch)
 
-    def _clip_grad_norm(self, model: torch.nn.Module):
-        plan, optimizer, max_norm = self.backend_plan, self._raw_optimizer, self.args.max_grad_norm
+    def _clip_grad_norm(self, model: torch.nn.Module, max_norm: float | None = None):
+        plan, optimizer = self.backend_plan, self._raw_optimizer
+        max_norm = self.args.max_grad_norm if max_norm is None else max_norm
         if plan is None or optimizer is None:
             return super()._clip_grad_norm(model)
         if self._amp is not None:
@@ -104,6 +105,14 @@ class BackendTrainerMixin(NonFiniteStepMixin):
             self.accelerator.unscale_gradients()  # a no-op without a GradScaler
             return optimizer.clip_grad_norm_fused_(max_norm)
         return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        if grad_norm is None and self._amp is not None:
+            # Clipping off (--max_grad_norm 0): the Trainer would take the norm of the fp16 model grads, which under
+            # O2 still carry the loss scale: in fp16 it is inf whenever scale x |g| > 65504, and the guard would skip
+            # a sound step (and halve a static scale) for it. The fp32 master grads are what the optimizer steps on.
+            grad_norm = self._clip_grad_norm(model, max_norm=float("inf"))
+        return super()._get_grad_norm(model, grad_norm)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint and self._amp is not None:
@@ -126,17 +135,42 @@ class BackendTrainerMixin(NonFiniteStepMixin):
         # apex's dynamic scaler found the overflow in scale_loss and armed a one-shot skipping optimizer.step.
         return self._amp is not None and bool(self._raw_optimizer._amp_stash.already_patched)
 
-    def _lower_static_scale(self) -> None:
+    def _apex_scaler(self) -> Any:
         if self._amp is None:
-            return
+            return None
         from apex.amp._amp_state import _amp_state
 
-        scaler = _amp_state.loss_scalers[0]
-        if scaler.dynamic:
-            return  # apex backed off already
-        old = scaler.loss_scale()
-        scaler._loss_scale = old * STATIC_BACKOFF
-        logger.warning("apex static loss scale lowered from %.10g to %.10g", old, scaler._loss_scale)
+        return _amp_state.loss_scalers[0]
+
+    def _lower_static_scale(self) -> None:
+        old = self._static_scale()
+        if old is None:
+            return  # no apex, or its dynamic scaler backed off already
+        self._set_static_scale(old * STATIC_BACKOFF)
+        logger.warning("apex static loss scale lowered from %.10g to %.10g", old, old * STATIC_BACKOFF)
+
+    def _static_scale(self) -> float | None:
+        scaler = self._apex_scaler()
+        if scaler is None:
+            return super()._static_scale()
+        return None if scaler.dynamic else float(scaler.loss_scale())
+
+    def _set_static_scale(self, value: float) -> None:
+        scaler = self._apex_scaler()
+        if scaler is None:
+            return super()._set_static_scale(value)
+        scaler._loss_scale = value
+
+    def _loss_scaler_state(self) -> dict | None:
+        # apex's scale (static or dynamic) and its count towards the next dynamic growth: not in any Trainer file.
+        scaler = self._apex_scaler()
+        return None if scaler is None else {"loss_scale": scaler._loss_scale, "unskipped": scaler._unskipped}
+
+    def _restore_loss_scaler(self, state: dict) -> None:
+        scaler = self._apex_scaler()
+        if scaler is not None:
+            scaler._loss_scale, scaler._unskipped = state["loss_scale"], state["unskipped"]
+            logger.info("apex loss scale restored from the checkpoint: %.10g", scaler._loss_scale)
 
     def _drop_nonfinite_grads(self) -> None:
         if self._amp is not None:

@@ -4,19 +4,22 @@ One mechanism for apex (static and dynamic scale), the torch_npu and CUDA GradSc
 and fp32. The Trainer computes the gradient norm of every step (`_get_grad_norm`, after the clip; with a GradScaler
 on unscaled grads); the norm is finite exactly when every gradient is. Before the optimizer step the guard reads
 that one flag (one host-device sync per optimizer step: GradScalers and apex's dynamic scaler already sync there,
-bf16/fp32 pay it on CPU and NPU; on CUDA with torch's fused AdamW the flag is read a step later without a stall,
-see "the sync-free path" below) and, when it is not finite:
+bf16/fp32 pay it on CPU and NPU; on CUDA with torch's fused AdamW the flag is read a step later, at the same step
+on every rank, nearly always without a stall, see "the sync-free path" below) and, when it is not finite:
 
 - does not call the optimizer (weights, Adam moments and the step counter stay as they were);
 - marks the step skipped for accelerate, so the Trainer does not advance the LR schedule (with a fused AdamW
   the GradScaler calls ``optimizer.step`` even when it skips, so accelerate alone never sees a skip);
 - lowers the loss scale: a dynamic scaler backs off by itself; a static one (apex's number, torch_npu's
-  ``GradScaler(dynamic=False)``) is halved here, and the log says so;
+  ``GradScaler(dynamic=False)``) is halved here, and the log says so, and doubled again (never above the scale
+  asked for) after ``STATIC_GROWTH_INTERVAL`` applied steps in a row, as dynamic scalers grow theirs;
 - counts the step (``train_skipped_nonfinite_steps``) and logs it with its number;
 - after ``max_consecutive`` such steps in a row stops with `TrainingDiverged`: the weights were never updated
   with a non-finite step, and the last checkpoint on disk is left as it is.
 
-A checkpoint or final model with non-finite weights is never written (`check_finite_weights`).
+A checkpoint or final model with non-finite weights is never written (`check_finite_weights`). Every checkpoint
+carries the guard's state (``nonfinite_state.json``: the skipped steps, the lowered scale and apex's scaler), which a
+resume restores: the scale goes on from where the run had lowered it, and the skip count covers the whole run.
 
 The Trainer's `logging_nan_inf_filter` (replace a non-finite micro-step loss in the logged mean by the mean so far)
 costs a host sync per micro-step; device_settings.py turns it off on accelerators and `training_step` here does the
@@ -26,8 +29,10 @@ same replacement on the device (`torch.where`), so logged losses stay finite wit
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
+import os
 from typing import Any
 
 import torch
@@ -40,6 +45,12 @@ logger = logging.getLogger(__name__)
 # finite at any scale (divergence), not an overflow the scale can fix.
 MAX_CONSECUTIVE_SKIPS = 32
 STATIC_BACKOFF = 0.5
+# A static scale only ever lowered ratchets down with every scattered overflow, towards scales at which small
+# gradients vanish in fp16. apex's dynamic scaler (scale_window) and torch's GradScaler (growth_interval) double
+# theirs after 2000 overflow-free steps; a lowered static scale grows back at the same pace, up to the one asked for.
+STATIC_GROWTH_INTERVAL = 2000
+STATIC_GROWTH = 2.0
+STATE_FILE = "nonfinite_state.json"  # the guard's state, in every checkpoint folder (covered by its marker)
 
 
 def is_finite(norm: torch.Tensor | float | None) -> bool:
@@ -67,6 +78,7 @@ class NonFiniteStepMixin:
     `_lower_static_scale` for scalers the Trainer does not know (apex)."""
 
     max_consecutive_skips = MAX_CONSECUTIVE_SKIPS
+    static_growth_interval = STATIC_GROWTH_INTERVAL
     lazy_devices: tuple[str, ...] = ("cuda",)  # where the sync-free path is used when it applies
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -76,6 +88,8 @@ class NonFiniteStepMixin:
         self._pending: list[tuple[int, Any]] = []  # (step, _DeviceFlag) of lazily guarded steps not yet read
         self._skipped_steps: list[int] = []  # the steps (1-based, as logged) whose update was not applied
         self._consecutive_skips = 0
+        self._clean_steps = 0  # applied steps since the last skip (a lowered static scale grows back)
+        self._scale_ceiling: float | None = None  # the static scale asked for (recorded when first lowered)
         super().__init__(*args, **kwargs)
 
     # --- the Trainer's hooks --------------------------------------------------------------------------------
@@ -97,9 +111,28 @@ class NonFiniteStepMixin:
         return norm
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        self._resolve_pending(wait=True)  # the saved LR schedule and counts include every step so far
+        self._resolve_pending()  # the saved LR schedule and counts include every step so far
         check_finite_weights(self.model, f"checkpoint of step {self.state.global_step}")
         super()._save_checkpoint(model, trial)
+        if self.args.should_save:  # before on_save, whose marker then lists (and hashes) this file too
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            tmp = os.path.join(folder, f".{STATE_FILE}.{os.getpid()}.tmp")
+            with open(tmp, "w") as f:
+                json.dump(self._guard_state(), f, indent=1)
+            os.replace(tmp, os.path.join(folder, STATE_FILE))
+
+    def _load_scaler(self, checkpoint: str | None) -> None:
+        super()._load_scaler(checkpoint)  # a GradScaler's scale comes back from the Trainer's scaler.pt
+        path = os.path.join(checkpoint, STATE_FILE) if checkpoint else ""
+        if not os.path.isfile(path):
+            return  # saved before the guard kept its state
+        with open(path) as f:
+            state = json.load(f)
+        self._skipped_steps = list(state["skipped_steps"])
+        self._consecutive_skips, self._clean_steps = state["consecutive_skips"], state["clean_steps"]
+        self._scale_ceiling = state["scale_ceiling"]
+        if state.get("loss_scaler") is not None:
+            self._restore_loss_scaler(state["loss_scaler"])
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         check_finite_weights(self.model, "model")
@@ -107,7 +140,7 @@ class NonFiniteStepMixin:
 
     def nonfinite_metrics(self, prefix: str = "train") -> dict[str, int]:
         """``{prefix}_skipped_nonfinite_steps``: optimizer steps not applied (the same on every rank)."""
-        self._resolve_pending(wait=True)
+        self._resolve_pending()
         return {f"{prefix}_skipped_nonfinite_steps": len(self._skipped_steps)}
 
     # --- the guard --------------------------------------------------------------------------------------------
@@ -122,7 +155,7 @@ class NonFiniteStepMixin:
         self._guarded_optimizer = optimizer
 
     def _guarded_step(self, optimizer: Any, original: Any, *args: Any, **kwargs: Any) -> Any:
-        self._resolve_pending(wait=False)
+        self._resolve_pending()  # the previous step's flag, at this fixed lag on every rank
         if self._lazy is None:
             self._lazy = self._lazy_applies(optimizer)
         if self._lazy:
@@ -133,6 +166,7 @@ class NonFiniteStepMixin:
                 optimizer._is_overflow = False  # accelerate resets it only when it has a GradScaler
             out = original(*args, **kwargs)
             self._consecutive_skips = 0
+            self._grow_static_scale()
             return out
         if pending:
             original(*args, **kwargs)  # apex's own armed skip: it skips, clears its master grads, disarms
@@ -149,6 +183,7 @@ class NonFiniteStepMixin:
         step = self.state.global_step + 1 if lazy_step is None else lazy_step
         self._skipped_steps.append(step)
         self._consecutive_skips += 1
+        self._clean_steps = 0
         if lazy_step is not None:
             found = "inf/NaN, skipped on the device"
         else:
@@ -170,6 +205,8 @@ class NonFiniteStepMixin:
 
     def _back_off_scale(self) -> None:
         """A dynamic GradScaler backs off in update(); a static one is halved here (and said)."""
+        if self._scale_ceiling is None:
+            self._scale_ceiling = self._static_scale()  # the scale asked for, before its first lowering
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             if getattr(scaler, "_dynamic", True):
@@ -180,6 +217,29 @@ class NonFiniteStepMixin:
                 logger.warning("static loss scale lowered from %.10g to %.10g", old, old * STATIC_BACKOFF)
             return
         self._lower_static_scale()
+
+    def _grow_static_scale(self) -> None:
+        """After ``static_growth_interval`` applied steps in a row, double a lowered static scale (up to the one
+        asked for)."""
+        self._clean_steps += 1
+        if self._scale_ceiling is None or self._clean_steps < self.static_growth_interval:
+            return
+        self._clean_steps = 0
+        old = self._static_scale()
+        if old is None or old >= self._scale_ceiling:
+            return
+        new = min(old * STATIC_GROWTH, self._scale_ceiling)
+        self._set_static_scale(new)
+        logger.info("static loss scale raised from %.10g to %.10g after %d steps without an overflow",
+                    old, new, self.static_growth_interval)  # fmt: skip
+
+    def _guard_state(self) -> dict[str, Any]:
+        """What a resume needs to go on as if never stopped (saved with every checkpoint)."""
+        return {
+            "skipped_steps": self._skipped_steps, "consecutive_skips": self._consecutive_skips,
+            "clean_steps": self._clean_steps, "scale_ceiling": self._scale_ceiling,
+            "loss_scaler": self._loss_scaler_state(),
+        }  # fmt: skip
 
     # --- backend hooks (apex overrides them) ------------------------------------------------------------------
     def _backend_skip_pending(self) -> bool:
@@ -192,12 +252,32 @@ class NonFiniteStepMixin:
     def _drop_nonfinite_grads(self) -> None:
         """Clear gradients the Trainer's model.zero_grad() does not reach (apex's fp32 master grads)."""
 
+    def _static_scale(self) -> float | None:
+        """The static loss scale in use (None: none, or a dynamic one)."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled() and not getattr(scaler, "_dynamic", True):
+            return float(scaler.get_scale())
+        return None
+
+    def _set_static_scale(self, value: float) -> None:
+        self.accelerator.scaler.update(new_scale=value)
+
+    def _loss_scaler_state(self) -> dict | None:
+        """A scaler's state the Trainer does not save (apex's; a GradScaler's is in scaler.pt)."""
+        return None
+
+    def _restore_loss_scaler(self, state: dict) -> None:
+        """Put back what `_loss_scaler_state` saved."""
+
     # --- the sync-free path (CUDA, torch's fused AdamW, no static scale) -------------------------------------------
     # The fused AdamW kernel takes a `found_inf` tensor and skips the update (and its step count) on the device. The
     # guard hands it the step's non-finite flag, copies the flag to pinned host memory behind a CUDA event, and reads
-    # it at a later step, once the event has passed: no stall. A skipped step's LR-schedule advance is then taken
-    # back before the next update is queued (exact while the GPU is at most a step behind the host; further behind,
-    # the next few updates use an LR one step ahead). Counting, logging and the limit follow the same rules.
+    # it at a fixed lag: step n's flag at step n+1's optimizer step, before that update is queued, waiting for the
+    # event if need be (one recorded a whole step earlier: the GPU has nearly always passed it, and waiting for it
+    # still leaves step n+1's forward and backward queued, so the GPU never idles). A skipped step's LR-schedule
+    # advance is then taken back before step n+1's update. Every rank reads at the same step whatever its own GPU's
+    # pace, so replicas apply the same learning rates (reading "when ready" let one rank rewind a step later than
+    # another and the replicas drift apart). Counting, logging and the limit follow the same rules.
     def _lazy_applies(self, optimizer: Any) -> bool:
         raw = getattr(optimizer, "optimizer", optimizer)
         scaler = getattr(self.accelerator, "scaler", None)
@@ -227,8 +307,9 @@ class NonFiniteStepMixin:
         self._pending.append((self.state.global_step + 1, _DeviceFlag(flag)))
         return out
 
-    def _resolve_pending(self, wait: bool) -> None:
-        while self._pending and (wait or self._pending[0][1].ready()):
+    def _resolve_pending(self) -> None:
+        """Read every flag not yet read (at most the previous step's), in step order."""
+        while self._pending:
             step, flag = self._pending.pop(0)
             if not flag.value():
                 self._consecutive_skips = 0
@@ -246,7 +327,8 @@ class NonFiniteStepMixin:
 
 
 class _DeviceFlag:
-    """A 0-d device tensor's value, copied to host memory without a stall (CUDA: pinned buffer + event)."""
+    """A 0-d device tensor's value, copied to host memory without a stall (CUDA: pinned buffer + event); reading it
+    waits for the event (a step after it was recorded, nearly always passed)."""
 
     def __init__(self, flag: torch.Tensor) -> None:
         self.event = None
@@ -257,9 +339,6 @@ class _DeviceFlag:
             self.event.record()
         else:
             self.host = flag
-
-    def ready(self) -> bool:
-        return self.event is None or self.event.query()
 
     def value(self) -> bool:
         if self.event is not None:
