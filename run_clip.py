@@ -34,6 +34,7 @@ from clip_train.data import shard_reader as shard_input
 from clip_train.device import backend, memory
 from clip_train.device import settings as device_settings
 from clip_train.errors import ArgumentError, DataError, SetupError, TrainingDiverged
+from clip_train.eval import model_card, zeroshot
 from clip_train.eval.plots import save_plots
 from clip_train.eval.recipe_log import recipe_blocks
 from clip_train.train import compiling
@@ -140,6 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
         prefix = "train" if split == "train" else "eval"
         skipped[split] = {f"{prefix}_skipped_{k}": v for k, v in splits[split].skipped.items()}
     loading.check_sizes(splits, training_args)
+    classes = zeroshot.from_args(
+        data_args, tokenizer, image_size=image_size, cache_dir=cache_dir, training_args=training_args
+    )
     run_id = outputs.same_run(resume_from, training_args, recipe_args.loss_scope, model_args.model_name_or_path,
                               splits.get("train"))  # fmt: skip
 
@@ -159,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         accumulation_mode=recipe_args.accumulation_mode,
         retrieval=recipe_args.retrieval_eval,
         pad_id=tokenizer.pad_token_id,
+        zeroshot=classes,
         backend_plan=plan,
         callbacks=[checkpointing.CheckpointMarker(recipe_args.save_minutes, run_id)]
         + ([LogitScaleClamp(recipe_args.max_logit_scale)] if recipe_args.max_logit_scale else []),
@@ -208,6 +213,14 @@ def main(argv: list[str] | None = None) -> dict:
         results.update(metrics)
     if trainer.is_world_process_zero():
         save_plots(trainer.state.log_history, training_args.output_dir)
+        if training_args.do_train:  # the card goes with the saved model
+            model_card.after_training(
+                trainer,
+                results,
+                sys.argv[1:] if argv is None else argv,
+                backend.describe_precision(plan),
+                data_args,
+            )
     return results
 
 

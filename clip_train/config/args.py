@@ -106,6 +106,23 @@ class DataTrainingArguments:
     shuffle_buffer: int = field(
         default=1000, metadata={"help": "Samples in each loader worker's shuffle buffer."}
     )
+    # Zero-shot classification at every evaluation (clip_train/eval/zeroshot.py).
+    zeroshot_dir: str | None = field(
+        default=None,
+        metadata={"help": "A class folder (ImageFolder: one subfolder per class) for zero-shot top-1/top-5."},
+    )
+    zeroshot_classnames: str | None = field(
+        default=None,
+        metadata={
+            "help": "Class names, one a line in sorted-folder order (default: folder names, _ as space)."
+        },
+    )
+    zeroshot_templates: str = field(
+        default="openai",
+        metadata={
+            "help": "openai (CLIP's 80 ImageNet templates), simple ('a photo of a {}.') or a file, one a line."
+        },
+    )
 
 
 @dataclass

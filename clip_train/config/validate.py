@@ -21,7 +21,8 @@ from clip_train.config.tables import table_file
 from clip_train.data.coco import COLUMNS
 from clip_train.data.feeding import available_cpus
 from clip_train.device.backend import OPT_LEVELS, parse_loss_scale
-from clip_train.errors import ArgumentError
+from clip_train.errors import ArgumentError, DataError
+from clip_train.eval.zeroshot import class_names, load_templates, read_folder
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +178,33 @@ def shards(v: Any, a: Any) -> str | None:
     return f"{len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}" if missing else None
 
 
+def _zeroshot(v: Any, read: Callable[[Any], Any]) -> str | None:
+    """The problem eval/zeroshot.py finds in a --zeroshot_* value (its one-line DataError, less the flag)."""
+    if v is None:
+        return None
+    try:
+        read(v)
+    except DataError as e:
+        problem = str(e).split(": expected")[0].removeprefix(f"--zeroshot_dir {v}")
+        return problem.split(f"{v}", 1)[-1].lstrip(": ,")
+    return None
+
+
+def zeroshot_folder(v: Any, a: Any) -> str | None:
+    return _zeroshot(v, read_folder)
+
+
+def zeroshot_templates(v: Any, a: Any) -> str | None:
+    return _zeroshot(v, load_templates)
+
+
+def zeroshot_classnames(v: Any, a: Any) -> str | None:
+    """A readable file with one name per class folder of --zeroshot_dir (checked by the rule before)."""
+    if v is not None and not a.zeroshot_dir:
+        return "given without --zeroshot_dir"
+    return _zeroshot(v, lambda f: class_names(read_folder(a.zeroshot_dir)[0], f))
+
+
 # --- the rules: one line each ----------------------------------------------------------------------------------------
 COCO = "the COCO 2017 folder (the zips or their extracted folders)"
 RULES: list[Rule] = [
@@ -194,6 +222,9 @@ RULES: list[Rule] = [
     Rule("image_cache_dir", creatable_folder, "a folder that exists or can be created, writable", "choose another folder, or leave it out"),
     Rule("cache_dir", creatable_folder, "a folder that exists or can be created, writable", "choose another folder, or leave it out"),
     Rule("resume_from_checkpoint", when(_training, checkpoint), "a checkpoint-N folder of an earlier run", "give one, or leave it out to resume from --output_dir's last"),
+    Rule("zeroshot_dir", zeroshot_folder, "a class folder: one subfolder per class, its images inside", "e.g. the ImageNet val folder sorted into class folders"),
+    Rule("zeroshot_templates", zeroshot_templates, "openai, simple or a file of templates, one a line, each with {}", "e.g. --zeroshot_templates simple"),
+    Rule("zeroshot_classnames", zeroshot_classnames, "a file with one class name a line, one per class folder", "in the order of the sorted folder names"),
     Rule("image_column", non_empty, "a column name", "e.g. image_path"),
     Rule("caption_column", non_empty, "a column name", "e.g. caption"),
     Rule("image_column", coco_column, "a column of the rows", "image_path for COCO"),
