@@ -16,11 +16,15 @@ import os
 import shlex
 import sys
 import tempfile
+from typing import Any
 
 import torch
 from transformers import TrainingArguments
 
+from clip_train.config.args import DataTrainingArguments
+from clip_train.data import rows as loading
 from clip_train.data.dataset import Collator
+from clip_train.data.images import default_cache_dir
 from clip_train.device import backend
 from clip_train.errors import ArgumentError, DataError, SetupError
 from clip_train.eval import model_card, standalone
@@ -61,6 +65,24 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def coco_split(
+    coco: str, tokenizer: Any, size: int, *, cache_dir: str | None, max_samples: int | None
+) -> Any:
+    """The validation split as run_clip.py reads it (COCO folder, or a csv/json-lines file)."""
+    table = coco if os.path.isfile(coco) else None
+    data_args = DataTrainingArguments(
+        data_dir=None if table else coco, validation_file=table, image_cache_dir=cache_dir
+    )
+    rows = loading.load_rows(data_args, "validation")
+    return loading.make_split(rows, tokenizer, data_args, image_size=size, cache_dir=cache_dir or default_cache_dir(None),
+                              limit=max_samples, name="validation")  # fmt: skip
+
+
+def data_line(args: argparse.Namespace) -> str:
+    zeroshot = args.zeroshot_dir and f"zero-shot on {args.zeroshot_dir} ({args.zeroshot_templates} templates)"
+    return "; ".join(x for x in (args.coco, zeroshot) if x)
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
@@ -76,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         split = classes = None
         with targs.main_process_first(desc="evaluation caches"):
             if args.coco:
-                split = standalone.coco_split(args.coco, tokenizer, size, cache_dir=args.cache_dir,
+                split = coco_split(args.coco, tokenizer, size, cache_dir=args.cache_dir,
                                               max_samples=args.max_eval_samples)  # fmt: skip
             if args.zeroshot_dir:
                 classes = standalone.class_folder(args, tokenizer, size)
@@ -99,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.model_card:
             model_card.write(
                 args.model, command=command, hardware_line=model_card.hardware(targs.device),
-                precision="fp32 (evaluation; scores in fp32)", figures=metrics, data_line=args.coco or "",
+                precision="fp32 (evaluation; scores in fp32)", figures=metrics, data_line=data_line(args),
             )  # fmt: skip
     return metrics
 

@@ -1,7 +1,7 @@
 """Evaluating a saved model without training (``python3 -m clip_train.evaluate``): its parts, its data, its report.
 
-The figures come from the training-time code: the COCO validation split through data/rows.py (eval loss and
-retrieval by ClipTrainer.evaluate), the class folder through eval/zeroshot.py. A model folder may be any
+The figures come from the training-time code: the COCO validation split through data/rows.py (read by the command,
+which may use config/), eval loss and retrieval by ClipTrainer.evaluate, the class folder through eval/zeroshot.py. A model folder may be any
 VisionTextDualEncoderModel (ours, the recipe's clip-roberta) or a transformers CLIPModel: both have
 ``get_image_features`` / ``get_text_features`` and return ``image_embeds`` / ``text_embeds`` and ``logit_scale``.
 """
@@ -15,8 +15,6 @@ from typing import Any
 import torch
 from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-from clip_train.config.args import DataTrainingArguments
-from clip_train.data import rows as loading
 from clip_train.data.images import default_cache_dir
 from clip_train.errors import SetupError
 from clip_train.eval import zeroshot
@@ -58,19 +56,6 @@ def load_model(model_dir: str) -> tuple[Any, Any, Any]:
 def image_size(model: Any) -> int:
     size = model.config.vision_config.image_size
     return size if isinstance(size, int) else size[0]
-
-
-def coco_split(
-    coco: str, tokenizer: Any, size: int, *, cache_dir: str | None, max_samples: int | None
-) -> Any:
-    """The validation split as run_clip.py reads it (COCO folder, or a csv/json-lines file)."""
-    table = coco if os.path.isfile(coco) else None
-    data_args = DataTrainingArguments(
-        data_dir=None if table else coco, validation_file=table, image_cache_dir=cache_dir
-    )
-    rows = loading.load_rows(data_args, "validation")
-    return loading.make_split(rows, tokenizer, data_args, image_size=size, cache_dir=cache_dir or default_cache_dir(None),
-                              limit=max_samples, name="validation")  # fmt: skip
 
 
 def class_folder(args: Any, tokenizer: Any, size: int) -> zeroshot.ZeroShotSet:
