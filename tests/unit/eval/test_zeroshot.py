@@ -251,3 +251,15 @@ def test_templates() -> None:
     assert all(t.count("{}") == 1 for t in OPENAI_IMAGENET) and "a photo of a {}." in OPENAI_IMAGENET
     assert zeroshot.load_templates("simple") == ["a photo of a {}."]
     assert zeroshot.class_names(["red_circle", "tench"]) == ["red circle", "tench"]
+
+
+def test_scores_are_fp32_under_a_low_precision_autocast() -> None:
+    """Two classes closer than bf16 can tell apart: under the Trainer's bf16 autocast a bf16 matmul would tie them
+    (and ties count against the model); the scores are taken in fp32, so the right class still wins."""
+    unit = torch.nn.functional.normalize
+    image = unit(torch.tensor([[1.0, 0.0]]), dim=-1)
+    classes = unit(torch.tensor([[1.0, 0.001], [1.0, 0.002]]), dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (image @ classes.T)[0, 0] == (image @ classes.T)[0, 1]  # what bf16 would see
+        got = zeroshot.topk_accuracy(image, classes, torch.tensor([0]), ks=(1,))
+    assert got == {"zeroshot_top1": 100.0}
