@@ -58,9 +58,8 @@ class ClipTrainer(BackendTrainerMixin, ContrastiveAccumulationMixin, Trainer):
         self.skip_steps = skip_steps
         self.loss_scope = loss_scope
         self.retrieval, self.pad_id = retrieval, pad_id
-        self.zeroshot = (
-            zeroshot  # a class folder for zero-shot accuracy at every evaluation (eval/zeroshot.py)
-        )
+        # A class folder for zero-shot accuracy at every evaluation (eval/zeroshot.py).
+        self.zeroshot = zeroshot
         self._clock: dict[str, float] = {}
         self._pixel_buffer: torch.Tensor | None = None
         # Samples left out of batches on the fly, by phase, this rank: device tensors summed without a host sync.
