@@ -214,13 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer.is_world_process_zero():
         save_plots(trainer.state.log_history, training_args.output_dir)
         if training_args.do_train:  # the card goes with the saved model
-            model_card.after_training(
-                trainer,
-                results,
-                sys.argv[1:] if argv is None else argv,
-                backend.describe_precision(plan),
-                data_args,
-            )
+            model_card.after_training(trainer, results, argv, backend.describe_precision(plan), data_args)
     return results
 
 

@@ -200,7 +200,10 @@ def prepare(root: str | None = None, n_train: int = 600, n_val: int = 100) -> tu
     if os.path.isfile(os.path.join(root, "READY")):
         if not os.path.isdir(classes_dir(data_dir)):  # a demo made before it had a class folder
             tmp = tempfile.mkdtemp(prefix=".classes-", dir=root)
-            os.replace(write_classes(tmp), classes_dir(data_dir))
+            try:
+                os.replace(write_classes(tmp), classes_dir(data_dir))
+            except OSError:  # another process put one there first
+                shutil.rmtree(tmp, ignore_errors=True)
         return data_dir, model_dir
     os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".demo-", dir=os.path.dirname(os.path.abspath(root)))

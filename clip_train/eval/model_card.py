@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shlex
+import sys
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -144,9 +145,11 @@ def write(output_dir: str, **kwargs: Any) -> str | None:
 
 
 def after_training(
-    trainer: Any, results: dict, argv: list[str], precision: str, data_args: Any
+    trainer: Any, results: dict, argv: list[str] | None, precision: str, data_args: Any
 ) -> str | None:
-    """run_clip.py's card (rank 0, end of training): the run's command, device, precision and figures."""
+    """run_clip.py's card (rank 0, end of training): the run's command (``argv``, default sys.argv), device,
+    precision and figures."""
+    argv = sys.argv[1:] if argv is None else argv
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     figures = {**results, "train_loss_last": losses[-1] if losses else None}
     world = trainer.args.world_size
