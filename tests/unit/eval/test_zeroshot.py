@@ -263,3 +263,14 @@ def test_scores_are_fp32_under_a_low_precision_autocast() -> None:
         assert (image @ classes.T)[0, 0] == (image @ classes.T)[0, 1]  # what bf16 would see
         got = zeroshot.topk_accuracy(image, classes, torch.tensor([0]), ks=(1,))
     assert got == {"zeroshot_top1": 100.0}
+
+
+def test_a_demo_made_before_the_class_folder_gets_one(tmp_path) -> None:
+    from clip_train.demo import prepare
+
+    (tmp_path / "READY").write_text("ok\n")
+    data_dir, _ = prepare(str(tmp_path))
+    folders, files = zeroshot.read_folder(classes_dir(data_dir))
+    assert (
+        len(folders) == CLASSES and all(len(f) == PER_CLASS for f in files) and folders[0] == "black_circle"
+    )
