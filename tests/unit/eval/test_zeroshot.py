@@ -60,7 +60,8 @@ def test_training_lifts_top1_above_chance_and_the_untrained_model_stays_at_it(tr
     for e in (before, after):
         assert (e["eval_zeroshot_images"], e["eval_zeroshot_classes"]) == (CLASSES * PER_CLASS, CLASSES)
     # Untrained: every prompt embeds to nearly the same vector, so every image gets one class (= chance exactly).
-    # Trained (300 steps, ~10 s): 41.7% top-1 here, 10x chance; asserted with a wide margin.
+    # Trained (300 steps, ~10 s): 41.7% top-1 (training seed 42, the default), 36.7% (seed 1), 40.8% (seed 2), all
+    # with 100% top-5: 9-10x chance; asserted at 4x.
     assert before["eval_zeroshot_top1"] <= 2 * CHANCE, before
     assert after["eval_zeroshot_top1"] >= 4 * CHANCE, after
     assert after["eval_zeroshot_top5"] >= after["eval_zeroshot_top1"]
