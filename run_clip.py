@@ -35,6 +35,7 @@ from clip_train.data.inputs import check_data, get_data
 from clip_train.device import backend, memory
 from clip_train.device.families import pin_card
 from clip_train.errors import ArgumentError, DataError, SetupError, TrainingDiverged
+from clip_train.eval import model_card, zeroshot
 from clip_train.eval.plots import save_plots
 from clip_train.eval.recipe_log import recipe_blocks
 from clip_train.launch.worker import note_stop
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
     cache_dir = data_args.image_cache_dir or images.default_cache_dir(model_args.cache_dir)
     inputs = get_data(data_args, training_args, tokenizer, image_size, cache_dir)
     train_input, eval_input = inputs.get("train"), inputs.get("validation")
+    classes = zeroshot.from_args(
+        data_args, tokenizer, image_size=image_size, cache_dir=cache_dir, training_args=training_args
+    )
     run_id = outputs.same_run(resume_from, training_args, recipe_args.loss_scope, model_args.model_name_or_path,
                               train_input, accumulation_mode=recipe_args.accumulation_mode)  # fmt: skip
 
@@ -148,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         accumulation_mode=recipe_args.accumulation_mode,
         retrieval=recipe_args.retrieval_eval,
         pad_id=tokenizer.pad_token_id,
+        zeroshot=classes,
         backend_plan=plan,
         callbacks=[checkpointing.CheckpointMarker(recipe_args.save_minutes, run_id)]
         + ([LogitScaleClamp(recipe_args.max_logit_scale)] if recipe_args.max_logit_scale else []),
@@ -207,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict:
             results.update(metrics)
         if trainer.is_world_process_zero():
             save_plots(trainer.state.log_history, training_args.output_dir)
+            if training_args.do_train:  # the card goes with the saved model
+                model_card.after_training(trainer, results, argv, backend.describe_precision(plan), data_args)
             if training_args.do_train or training_args.do_eval:  # last: the sign of a finished run
                 finishing.write_results(training_args.output_dir, results)
     final.note_late_signal()

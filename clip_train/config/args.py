@@ -23,6 +23,9 @@ from clip_train.config.checks import (
     one_of,
     shards,
     whole,
+    zeroshot_classnames,
+    zeroshot_folder,
+    zeroshot_templates,
 )
 from clip_train.config.tables import table_file
 from clip_train.device import backend
@@ -134,6 +137,23 @@ class DataTrainingArguments:
     shuffle_buffer: int = field(
         default=1000, metadata={"help": "Samples in each loader worker's shuffle buffer."}
     )
+    # Zero-shot classification at every evaluation (clip_train/eval/zeroshot.py).
+    zeroshot_dir: str | None = field(
+        default=None,
+        metadata={"help": "A class folder (ImageFolder: one subfolder per class) for zero-shot top-1/top-5."},
+    )
+    zeroshot_classnames: str | None = field(
+        default=None,
+        metadata={
+            "help": "Class names, one a line in sorted-folder order (default: folder names, _ as space)."
+        },
+    )
+    zeroshot_templates: str = field(
+        default="openai",
+        metadata={
+            "help": "openai (CLIP's 80 ImageNet templates), simple ('a photo of a {}.') or a file, one a line."
+        },
+    )
 
     def __post_init__(self) -> None:
         table = "a .csv or .json/.jsonl file with the image and caption columns"
@@ -148,6 +168,9 @@ class DataTrainingArguments:
             Rule("train_shards", shards, shard_list, "e.g. /data/cc3m/{00000..00331}.tar"),
             Rule("validation_shards", shards, shard_list, "e.g. /data/val/{0000..0009}.tar"),
             Rule("image_cache_dir", creatable_folder, WRITABLE, "choose another folder, or leave it out"),
+            Rule("zeroshot_dir", zeroshot_folder, "a class folder: one subfolder per class, its images inside", "e.g. the ImageNet val folder sorted into class folders"),
+            Rule("zeroshot_templates", zeroshot_templates, "openai, simple or a file of templates, one a line, each with {}", "e.g. --zeroshot_templates simple"),
+            Rule("zeroshot_classnames", zeroshot_classnames, "a file with one class name a line, one per class folder", "in the order of the sorted folder names"),
             Rule("image_column", coco_column, "a column of the rows", "image_path for COCO"),
             Rule("caption_column", coco_column, "a column of the rows", "caption for COCO"),
             Rule("preprocessing_num_workers", whole(1), "a whole number >= 1", "e.g. 4, or leave it out for one process"),

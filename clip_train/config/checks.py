@@ -16,7 +16,8 @@ from typing import Any, NamedTuple
 
 from clip_train.data.coco import COLUMNS
 from clip_train.device.backend import parse_loss_scale
-from clip_train.errors import ArgumentError
+from clip_train.errors import ArgumentError, DataError
+from clip_train.eval.zeroshot import class_names, load_templates, read_folder
 
 Check = Callable[[Any, Any], "str | None"]
 
@@ -185,3 +186,30 @@ def shards(v: Any, a: Any) -> str | None:
     if not urls:
         return "it names no shard"
     return f"{len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}" if missing else None
+
+
+def _zeroshot(v: Any, read: Callable[[Any], Any]) -> str | None:
+    """The problem eval/zeroshot.py finds in a --zeroshot_* value (its one-line DataError, less the flag)."""
+    if v is None:
+        return None
+    try:
+        read(v)
+    except DataError as e:
+        problem = str(e).split(": expected")[0].removeprefix(f"--zeroshot_dir {v}")
+        return problem.split(f"{v}", 1)[-1].lstrip(": ,")
+    return None
+
+
+def zeroshot_folder(v: Any, a: Any) -> str | None:
+    return _zeroshot(v, read_folder)
+
+
+def zeroshot_templates(v: Any, a: Any) -> str | None:
+    return _zeroshot(v, load_templates)
+
+
+def zeroshot_classnames(v: Any, a: Any) -> str | None:
+    """A readable file with one name per class folder of --zeroshot_dir (checked by the rule before)."""
+    if v is not None and not a.zeroshot_dir:
+        return "given without --zeroshot_dir"
+    return _zeroshot(v, lambda f: class_names(read_folder(a.zeroshot_dir)[0], f))

@@ -27,6 +27,12 @@ PLOTS: tuple[tuple[str, str, str, Callable[[str], bool]], ...] = (
         "recall (%)",
         lambda k: k.startswith("eval_") and "_R@" in k,
     ),
+    (
+        "zeroshot.png",
+        "Zero-shot classification accuracy (eval)",
+        "accuracy (%)",
+        lambda k: k in ("eval_zeroshot_top1", "eval_zeroshot_top5"),
+    ),
 )
 
 

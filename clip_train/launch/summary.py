@@ -2,7 +2,8 @@
 
 clip_train/launch.py calls ``report`` on node 0 after training (``python3 -m clip_train.launch.summary ...`` does the same).
 It reads
-``all_results.json`` (global FPS after skip_steps, FPS per device, train and eval loss, retrieval R@1) and
+``all_results.json`` (global FPS after skip_steps, FPS per device, train and eval loss, retrieval R@1, zero-shot
+top-1/top-5 when the run had a class folder) and
 ``trainer_state.json`` (the last logged train loss) from the run's output_dir, writes one ``key = value`` a line
 to the summary file and ends the console with the two lines the recipe's users grep for.
 """
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 RECALL_KEYS = ("eval_image_to_text_R@1", "eval_text_to_image_R@1")
+ZEROSHOT_KEYS = ("eval_zeroshot_top1", "eval_zeroshot_top5")  # when the run had --zeroshot_dir
 
 
 def log_figure(value: float) -> float:
@@ -105,7 +107,7 @@ def summary_fields(
         "E2ETrainingTime": str(e2e_seconds),
         "TrainAccuracy": "NA" if eval_loss is None else str(log_figure(eval_loss)),
     }
-    fields.update({key: str(results[key]) for key in RECALL_KEYS if key in results})
+    fields.update({key: str(results[key]) for key in (*RECALL_KEYS, *ZEROSHOT_KEYS) if key in results})
     return fields
 
 
@@ -160,7 +162,7 @@ def report(
             f"{_final_step(results_dir)}); give it more steps than --skip_steps to measure the throughput",
             file=out,
         )
-    for key in ("TrainAccuracy", *RECALL_KEYS):
+    for key in ("TrainAccuracy", *RECALL_KEYS, *ZEROSHOT_KEYS):
         if key in fields:
             print(f"{key} : {fields[key]}", file=out)
     print(f"E2E Training Duration sec : {fields['E2ETrainingTime']}", file=out)

@@ -17,6 +17,7 @@ from clip_train.data.inputs import DataInfo
 from clip_train.device.apex_amp import BackendTrainerMixin
 from clip_train.device.backend import synchronize
 from clip_train.eval.evaluation import RetrievalSkipped, retrieval_eval
+from clip_train.eval.zeroshot import ZeroShotSet, ZeroShotSkipped, zeroshot_eval
 from clip_train.train.accumulation import ContrastiveAccumulationMixin
 from clip_train.train.compiling import mark_caption_width_dynamic
 from clip_train.train.loss import clip_loss
@@ -53,6 +54,7 @@ class ClipTrainer(BackendTrainerMixin, ContrastiveAccumulationMixin, Trainer):
         retrieval: bool = True,
         pad_id: int = 1,
         train_input: DataInfo | None = None,
+        zeroshot: ZeroShotSet | None = None,
         **kwargs: Any,
     ) -> None:
         # The train split as data/inputs.get_data gives it: its dataset, and its own loader and progress if it has them.
@@ -65,6 +67,8 @@ class ClipTrainer(BackendTrainerMixin, ContrastiveAccumulationMixin, Trainer):
         self.skip_steps = skip_steps
         self.loss_scope = loss_scope
         self.retrieval, self.pad_id = retrieval, pad_id
+        # A class folder for zero-shot accuracy at every evaluation (eval/zeroshot.py).
+        self.zeroshot = zeroshot
         self._clock: dict[str, float] = {}
         self._pixel_buffer: torch.Tensor | None = None
         # Samples left out of batches on the fly, by phase, this rank: device tensors summed without a host sync.
@@ -167,6 +171,32 @@ class ClipTrainer(BackendTrainerMixin, ContrastiveAccumulationMixin, Trainer):
     def evaluate(
         self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval"
     ) -> dict:
+        """Eval loss and retrieval when there is an eval split, then zero-shot accuracy when a class folder was given."""
+        has_split = eval_dataset is not None or self.eval_dataset is not None
+        metrics = self._loss_and_retrieval(eval_dataset, ignore_keys, metric_key_prefix) if has_split else {}
+        if self.zeroshot is not None:
+            metrics.update(self.zeroshot_metrics(metric_key_prefix))
+        return metrics
+
+    def zeroshot_metrics(self, prefix: str = "eval") -> dict[str, float]:
+        """Top-1/top-5 on the class folder, logged (every rank calls it); {} with an error line if the model diverged."""
+        start = time.perf_counter()
+        try:
+            with torch.no_grad(), self.accelerator.autocast():
+                found = zeroshot_eval(
+                    self.model, self.zeroshot, pad_id=self.pad_id, batch_size=self.args.per_device_eval_batch_size,
+                    device=self.args.device, rank=self.args.process_index, world=self.args.world_size,
+                    pixels=self.pixels,
+                )  # fmt: skip
+        except ZeroShotSkipped as e:
+            logger.error("zero-shot metrics skipped at step %d: %s", self.state.global_step, e)
+            return {}
+        found = {f"{prefix}_{k}": round(v, 4) for k, v in found.items()}
+        found[f"{prefix}_zeroshot_runtime"] = round(time.perf_counter() - start, 3)
+        self.log(found)
+        return found
+
+    def _loss_and_retrieval(self, eval_dataset: Any, ignore_keys: Any, metric_key_prefix: str) -> dict:
         """The in-batch eval loss (as the recipe), then retrieval recall over the whole validation split.
 
         A model whose embeddings are NaN (diverged) gets an error in the log and no recall metrics, but the

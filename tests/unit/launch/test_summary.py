@@ -131,3 +131,18 @@ def test_a_run_shorter_than_skip_steps_gets_a_summary_without_fps(
         "steps than --skip_steps to measure the throughput"
     ]
     assert lines[-2:] == ["Final Performance images/sec : NA", "Final Train Loss : 2.4"]
+
+
+def test_zero_shot_figures_join_the_summary_when_the_run_had_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    results = {"train_samples_per_second": 640.0, "eval_loss": 1.875}
+    code, target = _summarise(_results_dir(tmp_path, results), tmp_path)
+    assert code == 0 and "eval_zeroshot_top1" not in read_summary(target)
+    (tmp_path / "ckpt" / "all_results.json").write_text(
+        json.dumps({**results, "eval_zeroshot_top1": 41.6667, "eval_zeroshot_top5": 100.0})
+    )
+    code, target = _summarise(tmp_path / "ckpt", tmp_path)
+    fields = read_summary(target)
+    assert code == 0 and (fields["eval_zeroshot_top1"], fields["eval_zeroshot_top5"]) == ("41.6667", "100.0")
+    assert "eval_zeroshot_top1 : 41.6667" in capsys.readouterr().out
