@@ -80,6 +80,13 @@ class DataTrainingArguments:
         default=False,
         metadata={"help": "Pad every caption to max_seq_length (the reference); else per batch."},
     )
+    pad_to_multiple_of: int = field(
+        default=8,
+        metadata={
+            "help": "Round each batch's caption width up to a multiple of N (capped at max_seq_length): fewer "
+            "distinct shapes for torch.compile / CUDA graphs (open_clip's --text-pad-multiple)."
+        },
+    )
     image_cache: bool = field(
         default=True,
         metadata={"help": "Decode each image once into a uint8 cache; False decodes per sample."},

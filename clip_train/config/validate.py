@@ -206,6 +206,7 @@ RULES: list[Rule] = [
     Rule("dataloader_prefetch_factor", whole(1), "a whole number >= 1", "e.g. 2, or leave it out"),
     Rule("preprocessing_num_workers", whole(1), "a whole number >= 1", "e.g. 4, or leave it out for one process"),
     Rule("max_seq_length", whole(1), "a whole number of tokens >= 1", "e.g. 77 (CLIP's) or 128 (the recipe's)"),
+    Rule("pad_to_multiple_of", whole(1), "a whole number of tokens >= 1", "e.g. 8 (the default) or 16; 1 pads to the longest caption"),
     Rule("max_train_samples", whole(1), "a whole number of rows >= 1", "leave it out to use every row"),
     Rule("max_eval_samples", whole(1), "a whole number of rows >= 1", "leave it out to use every row"),
     Rule("max_steps", steps_or_minus_one, "a number of steps >= 1, or -1 to train --num_train_epochs", "0 trains nothing"),
