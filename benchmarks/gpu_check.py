@@ -237,7 +237,7 @@ def peer_cell(
            *peer_open_clip.peer_args(peer, logs, cell, workers)]  # fmt: skip
     status, seconds = run_one(cmd, log_path, timeout, env)
     with open(log_path, errors="replace") as f:
-        results = peer_open_clip.speed(f.read(), cell["skip"], cell["batch"])
+        results = peer_open_clip.speed(f.read(), cell["skip"], cell["batch"], cell["steps"])
     row = {**cell, "status": status, "wall_s": round(seconds, 1), "log": log_path, "results": results}
     if status == "ok" and not results.get("peer_timed_steps"):
         row["status"] = "failed (no timed steps)"

@@ -15,8 +15,8 @@ a device kernel or a view; a ``_foreach_*`` / ``_fused_*`` op counts once, as th
 GPU, although CPU runs it as a loop of per-tensor ops). Compiled modes (inductor, CPU): ``forward`` = torch.compile(model) (ClipTrainer's
 --torch_compile), ``forward+loss`` = one compiled function for the forward and the loss (backward compiled by
 AOTAutograd in both); their inductor kernels are counted as well (``cpp.enable_kernel_profile``).
-``--memory B1,B2``: the bytes autograd keeps for backward (saved tensors, per tower) and the logits, measured at
-those batches with saved-tensor hooks, scaled to 256 / 1024.
+``--memory B1,B2``: the bytes autograd keeps for backward (saved tensors other than the parameters, per tower; the
+loss's under "other"), measured in fp32 at those batches with saved-tensor hooks (distinct storages counted once).
 """
 
 from __future__ import annotations
@@ -180,8 +180,12 @@ def saved_bytes(model, size: int, width: int) -> dict:  # noqa: ANN001
     seen: dict[str, set] = {"vision": set(), "text": set(), "other": set()}
     sizes: dict[int, int] = {}
 
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
     def pack(t):  # noqa: ANN001, ANN202
         key = t.untyped_storage().data_ptr()
+        if key in weights:
+            return t  # a parameter saved for its matmul's backward: model state, not an activation
         sizes[key] = t.untyped_storage().nbytes()
         seen[where["now"]].add(key)
         return t

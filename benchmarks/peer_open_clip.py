@@ -83,21 +83,26 @@ def prepare(paths: dict, base: str) -> dict[str, str]:
 def peer_args(peer: dict, logs: str, cell: dict, workers: int) -> list[str]:
     """open_clip_train.main's command line for one cell: same batch, precision, lr, wd, AdamW, steps."""
     steps = cell["skip"] + cell["steps"]
+    with open(peer["csv"]) as f:
+        rows = sum(1 for _ in f) - 1
+    epochs = -(
+        -steps * cell["batch"] // max(1, rows)
+    )  # its csv epoch is the whole file: enough epochs for the steps
     precision = {"bf16": "amp_bf16", "fp16": "amp"}[cell["precision"]]
     args = ["--train-data", peer["csv"], "--dataset-type", "csv", "--csv-separator", "\t",
-            "--csv-img-key", "filepath", "--csv-caption-key", "title", "--train-num-samples",
-            str(steps * cell["batch"]), "--model", "peer-roberta-ViT-B-32", "--batch-size", str(cell["batch"]),
-            "--precision", precision, "--workers", str(workers), "--epochs", "1", "--lr", "5e-5", "--wd", "0.1",
+            "--csv-img-key", "filepath", "--csv-caption-key", "title", "--model", "peer-roberta-ViT-B-32", "--batch-size", str(cell["batch"]),
+            "--precision", precision, "--workers", str(workers), "--epochs", str(epochs), "--lr", "5e-5", "--wd", "0.1",
             "--warmup", "0", "--logs", logs, "--name", cell["name"], "--log-every-n-steps", "1",
             "--save-frequency", "0", "--report-to", "", "--seed", "0"]  # fmt: skip
     return args + (["--torchcompile"] if cell["compiled"] else [])
 
 
-def speed(log_text: str, skip: int, batch: int) -> dict:
+def speed(log_text: str, skip: int, batch: int, steps: int | None = None) -> dict:
     """samples/s and step ms over the logged steps after ``skip`` (each line: one step's time with
-    --log-every-n-steps 1)."""
+    --log-every-n-steps 1), at most ``steps`` of them."""
     times = [float(m.group(1)) for m in SPEED.finditer(log_text)]
     timed = times[skip + 1 :] if len(times) > skip + 1 else []
+    timed = timed[:steps] if steps else timed
     out: dict = {"peer_logged_steps": len(times), "peer_timed_steps": len(timed)}
     if timed:
         step = sum(timed) / len(timed)

@@ -64,7 +64,10 @@ def test_peer_speed_parses_open_clip_log_lines() -> None:
 
     line = ("2026-12-07,18:00:00 | INFO | Train Epoch: 0 [ 64/640 (10%)] Data (t): 0.010 Batch (t): {t}, "
             "123.4/s, 123.4/s/gpu LR: 0.000050 Logit Scale: 14.286 Contrastive_loss: 4.1 (4.1) Loss: 4.1 (4.1)")  # fmt: skip
-    log = "\n".join(line.format(t=t) for t in ("9.000", "0.600", "0.500", "0.500")) + "\npeer_peak_device_memory_gb=3.5\n"
+    log = (
+        "\n".join(line.format(t=t) for t in ("9.000", "0.600", "0.500", "0.500"))
+        + "\npeer_peak_device_memory_gb=3.5\n"
+    )
     out = peer_open_clip.speed(log, skip=1, batch=64)
     assert out["peer_timed_steps"] == 2 and abs(out["train_samples_per_second"] - 128.0) < 1e-6
     assert out["train_peak_device_memory_gb"] == 3.5
