@@ -16,7 +16,8 @@ GPU, although CPU runs it as a loop of per-tensor ops). Compiled modes (inductor
 --torch_compile), ``forward+loss`` = one compiled function for the forward and the loss (backward compiled by
 AOTAutograd in both); their inductor kernels are counted as well (``cpp.enable_kernel_profile``).
 ``--memory B1,B2``: the bytes autograd keeps for backward (saved tensors other than the parameters, per tower; the
-loss's under "other"), measured in fp32 at those batches with saved-tensor hooks (distinct storages counted once).
+loss's under "other"), measured at those batches with saved-tensor hooks (distinct storages counted once), fp32 or under CPU bf16 autocast
+(``--memory_precision bf16``: what a GPU's bf16 autocast saves, op for op).
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def count_ops(step, args) -> dict:  # noqa: ANN001
     return {"total": dict(total), "phases": {p: dict(c) for p, c in per.items() if c}}
 
 
-def saved_bytes(model, size: int, width: int) -> dict:  # noqa: ANN001
+def saved_bytes(model, size: int, width: int, precision: str = "fp32") -> dict:  # noqa: ANN001
     """Bytes autograd saves for backward during the forward (by tower) and the logits, at batch ``size``."""
     import torch
 
@@ -200,7 +201,11 @@ def saved_bytes(model, size: int, width: int) -> dict:  # noqa: ANN001
                model.vision_model.register_forward_hook(tag("other")),
                model.text_model.register_forward_pre_hook(tag("text")),
                model.text_model.register_forward_hook(tag("other"))]  # fmt: skip
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype, dtype is not None),
+    ):
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=False)
         loss = clip_loss(out["image_embeds"], out["text_embeds"], model.logit_scale)
     for h in handles:
@@ -248,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=32, help="caption width (tokens) of the batch")
     p.add_argument("--modes", default="eager,forward,forward+loss", help="eager, forward, forward+loss")
     p.add_argument("--memory", default="", help="batches at which to measure saved activations, e.g. 8,16")
+    p.add_argument(
+        "--memory_precision", choices=["fp32", "bf16"], default="fp32", help="autocast for --memory"
+    )
     p.add_argument("--json", help="write the figures here too")
     p.add_argument("--widths", action="store_true", help="only the caption widths per --pad_to_multiple_of")
     a = p.parse_args(argv)
@@ -281,9 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         del model, step
     for size in [int(x) for x in a.memory.split(",") if x]:
         model = build(a.tiny)
-        found = saved_bytes(model, size, a.width)
+        found = saved_bytes(model, size, a.width, a.memory_precision)
         results["memory"][size] = found
-        print(f"saved for backward at batch {size}: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in found.items()),
+        print(f"saved for backward at batch {size}, width {a.width}, {a.memory_precision}: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in found.items()),
               flush=True)  # fmt: skip
         del model
     print("\n| mode | aten ops / step (all) | leaf aten ops | launch-like (leaf - views) | inductor kernels | "
