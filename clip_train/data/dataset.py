@@ -185,9 +185,8 @@ class Collator:
         )
         batch = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": torch.from_numpy(images)}
         if ids and all(len(x) == width for x in ids):
-            del batch[
-                "attention_mask"
-            ]  # nothing padded: what transformers would otherwise test on the device
+            # Nothing padded: what transformers would otherwise test on the device, answered here.
+            del batch["attention_mask"]
         if len(samples) < given:  # counted by the trainer (ClipTrainer.undecodable)
             batch["undecodable"] = torch.tensor(given - len(samples))
         return batch

@@ -61,12 +61,10 @@ class ClipTrainer(BackendTrainerMixin, ContrastiveAccumulationMixin, Trainer):
         self._pixel_buffer: torch.Tensor | None = None
         # Samples left out of batches on the fly, by phase, this rank: device tensors summed without a host sync.
         self._undecodable: dict[str, Any] = {}
-        self._text_attn: str | None = (
-            None  # the text tower's attention implementation (read at the first batch)
-        )
-        self._full_masks: dict[
-            tuple, torch.Tensor
-        ] = {}  # compiled runs: a no-padding batch's mask, per shape
+        # The text tower's attention implementation (read at the first batch), and for compiled runs the mask of
+        # a batch without padding, per shape.
+        self._text_attn: str | None = None
+        self._full_masks: dict[tuple, torch.Tensor] = {}
         self._static_widths = (
             self.args.torch_compile and width_policy(self.args.torch_compile_mode) == "static"
         )
