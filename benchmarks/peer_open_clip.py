@@ -39,7 +39,7 @@ def available() -> bool:
 def prepare(paths: dict, base: str) -> dict[str, str]:
     """csv + image files + local roberta folder + model config JSON under ``base`` (once)."""
     import open_clip
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer, VisionTextDualEncoderModel
 
     from clip_train.data.coco import load_coco_split
     from clip_train.data.images import read_bytes
@@ -61,7 +61,8 @@ def prepare(paths: dict, base: str) -> dict[str, str]:
                     g.write(read_bytes(image))
             w.writerow([files[image], " ".join(caption.split())])
     ours = AutoConfig.from_pretrained(paths["model"])
-    ours.text_config.save_pretrained(out["text"])  # a RobertaConfig: AutoModel.from_config builds roberta
+    # Our (random-init) text tower's weights: open_clip loads its text tower with AutoModel.from_pretrained.
+    VisionTextDualEncoderModel.from_pretrained(paths["model"]).text_model.save_pretrained(out["text"])
     AutoTokenizer.from_pretrained(paths["model"]).save_pretrained(out["text"])
     with open(
         os.path.join(os.path.dirname(open_clip.__file__), "model_configs", "roberta-ViT-B-32.json")
