@@ -28,8 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 
@@ -37,6 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
+
+from bench_runs import run_one, tail  # noqa: E402
 
 OUT_FILES = ("gpu_check.md", "gpu_check.json", "profile.txt")
 RESERVE_S = 20  # kept back from the budget for the table
@@ -137,31 +137,6 @@ def run_args(paths: dict, out: str, cell: dict, workers: int | None) -> list[str
     return args
 
 
-def run_one(cmd: list[str], log_path: str, timeout: float, env: dict[str, str]) -> tuple[str, float]:
-    """Run ``cmd`` (its whole process group killed at ``timeout``); returns (status, seconds)."""
-    t = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        try:
-            rc = proc.wait(timeout=max(1.0, timeout))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the loader workers too
-            proc.wait()
-            return f"timeout ({timeout:.0f} s)", time.perf_counter() - t
-    return ("ok" if rc == 0 else f"failed (rc {rc})"), time.perf_counter() - t
-
-
-def tail(path: str, lines: int = 12) -> list[str]:
-    try:
-        with open(path, errors="replace") as f:
-            text = f.read().replace("\r", "\n")
-    except OSError:
-        return []
-    return [x for x in text.splitlines() if x.strip()][-lines:]
-
-
 def train_cell(paths: dict, cell: dict, root: str, timeout: float, env: dict, workers: int | None) -> dict:
     out = os.path.join(root, "runs", cell["name"])
     shutil.rmtree(out, ignore_errors=True)
@@ -221,30 +196,6 @@ def parse_cells(text: str) -> list[tuple[str, int]]:
             raise SystemExit(f"gpu_check.py: --cells {text}: precision {p!r} is not bf16 or fp16")
         out.append((p, int(b)))
     return out
-
-
-def peer_cell(
-    paths: dict, peer: dict, cell: dict, root: str, timeout: float, env: dict, workers: int
-) -> dict:
-    """open_clip's own training app on the same images and captions (benchmarks/peer_open_clip.py)."""
-    import peer_open_clip
-
-    logs = os.path.join(root, "peer-logs")
-    shutil.rmtree(os.path.join(logs, cell["name"]), ignore_errors=True)
-    log_path = os.path.join(root, "logs", cell["name"] + ".log")
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    cmd = [sys.executable, os.path.join(HERE, "peer_open_clip.py"), peer["config"], "--",
-           *peer_open_clip.peer_args(peer, logs, cell, workers)]  # fmt: skip
-    status, seconds = run_one(cmd, log_path, timeout, env)
-    with open(log_path, errors="replace") as f:
-        results = peer_open_clip.speed(f.read(), cell["skip"], cell["batch"], cell["steps"])
-    row = {**cell, "status": status, "wall_s": round(seconds, 1), "log": log_path, "results": results}
-    if status == "ok" and not results.get("peer_timed_steps"):
-        row["status"] = "failed (no timed steps)"
-    if row["status"] != "ok":
-        row["tail"] = tail(log_path)
-    shutil.rmtree(os.path.join(logs, cell["name"]), ignore_errors=True)
-    return row
 
 
 # --- the table --------------------------------------------------------------------------------------------------
@@ -389,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         timeout = min(a.config_timeout_s, left)
         if cell["peer"]:
-            row = peer_cell(paths, peer_paths, cell, a.root, timeout, env, peer_workers)
+            row = peer_open_clip.peer_cell(peer_paths, cell, a.root, timeout, env, peer_workers)
         else:
             row = train_cell(paths, cell, a.root, timeout, env, a.workers)
         rows.append(row)

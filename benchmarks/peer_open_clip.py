@@ -21,7 +21,10 @@ import csv
 import json
 import os
 import re
+import shutil
 import sys
+
+from bench_runs import run_one, tail
 
 SPEED = re.compile(r"Batch \(t\): ([0-9.]+), ([0-9.eE+-]+)/s, ([0-9.eE+-]+)/s/gpu")
 PEAK = "peer_peak_device_memory_gb="
@@ -112,6 +115,26 @@ def speed(log_text: str, skip: int, batch: int, steps: int | None = None) -> dic
     if peak:
         out["train_peak_device_memory_gb"] = float(peak[-1][len(PEAK) :])
     return out
+
+
+def peer_cell(peer: dict, cell: dict, root: str, timeout: float, env: dict, workers: int) -> dict:
+    """One gpu_check cell trained by open_clip's own app (this file as a subprocess, under ``timeout``)."""
+    logs = os.path.join(root, "peer-logs")
+    shutil.rmtree(os.path.join(logs, cell["name"]), ignore_errors=True)
+    log_path = os.path.join(root, "logs", cell["name"] + ".log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    cmd = [sys.executable, os.path.abspath(__file__), peer["config"], "--",
+           *peer_args(peer, logs, cell, workers)]  # fmt: skip
+    status, seconds = run_one(cmd, log_path, timeout, env)
+    with open(log_path, errors="replace") as f:
+        results = speed(f.read(), cell["skip"], cell["batch"], cell["steps"])
+    row = {**cell, "status": status, "wall_s": round(seconds, 1), "log": log_path, "results": results}
+    if status == "ok" and not results.get("peer_timed_steps"):
+        row["status"] = "failed (no timed steps)"
+    if row["status"] != "ok":
+        row["tail"] = tail(log_path)
+    shutil.rmtree(os.path.join(logs, cell["name"]), ignore_errors=True)
+    return row
 
 
 def main(argv: list[str]) -> int:
