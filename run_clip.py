@@ -143,7 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
         train_input=train_input,
         eval_dataset=eval_input.dataset if eval_input else None,
         data_collator=data.Collator(
-            tokenizer.pad_token_id, data_args.max_seq_length, data_args.pad_to_max_length
+            tokenizer.pad_token_id,
+            data_args.max_seq_length,
+            data_args.pad_to_max_length,
+            data_args.pad_to_multiple_of,
         ),
         image_mean=image_processor.image_mean,
         image_std=image_processor.image_std,

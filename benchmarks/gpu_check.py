@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The one prepared accelerator check: run_clip.py's real input path, eager vs compiled, bf16 vs fp16, two batches.
+"""The one prepared accelerator check: run_clip.py's real input path, eager vs compiled, fp16 at 64 and bf16 at 256
+and 1024, side by side with open_clip's own training app on the same data (benchmarks/peer_open_clip.py).
 
     python3 benchmarks/gpu_check.py --out $OUT                       # a GPU host: full-size shapes, ~9 minutes
     python3 benchmarks/gpu_check.py --tiny --device cpu --out /tmp/gc  # tiny shapes on CPU, about a minute
@@ -27,8 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 
@@ -36,6 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
+
+from bench_runs import run_one, tail  # noqa: E402
 
 OUT_FILES = ("gpu_check.md", "gpu_check.json", "profile.txt")
 RESERVE_S = 20  # kept back from the budget for the table
@@ -136,31 +137,6 @@ def run_args(paths: dict, out: str, cell: dict, workers: int | None) -> list[str
     return args
 
 
-def run_one(cmd: list[str], log_path: str, timeout: float, env: dict[str, str]) -> tuple[str, float]:
-    """Run ``cmd`` (its whole process group killed at ``timeout``); returns (status, seconds)."""
-    t = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        try:
-            rc = proc.wait(timeout=max(1.0, timeout))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the loader workers too
-            proc.wait()
-            return f"timeout ({timeout:.0f} s)", time.perf_counter() - t
-    return ("ok" if rc == 0 else f"failed (rc {rc})"), time.perf_counter() - t
-
-
-def tail(path: str, lines: int = 12) -> list[str]:
-    try:
-        with open(path, errors="replace") as f:
-            text = f.read().replace("\r", "\n")
-    except OSError:
-        return []
-    return [x for x in text.splitlines() if x.strip()][-lines:]
-
-
 def train_cell(paths: dict, cell: dict, root: str, timeout: float, env: dict, workers: int | None) -> dict:
     out = os.path.join(root, "runs", cell["name"])
     shutil.rmtree(out, ignore_errors=True)
@@ -183,22 +159,43 @@ def train_cell(paths: dict, cell: dict, root: str, timeout: float, env: dict, wo
 
 
 # --- the grid ---------------------------------------------------------------------------------------------------
-def grid(precisions: list[str], batches: list[int], modes: list[str], steps: int, skip: dict) -> list[dict]:
-    """Every cell, most important first: the target (first precision, largest batch, eager then compiled), the
-    precision cells (eager, smallest batch, with evaluation), then the rest."""
-    cells = []
-    for p in precisions:
-        for b in batches:
-            for m in modes:
-                compiled = m == "compiled"
-                cells.append({"name": f"{p}-b{b}-{m}", "precision": p, "batch": b, "compiled": compiled,
-                              "eval": not compiled and b == min(batches), "steps": steps, "skip": skip[m]})  # fmt: skip
+def grid(cells: list[tuple[str, int]], modes: list[str], steps: int, skip: dict, peer: bool) -> list[dict]:
+    """Every cell, most important first: the target (the largest batch, eager then compiled), the precision cells
+    (eager, smallest batch of each precision, with evaluation), then the rest; each of ours followed by its peer
+    (open_clip's app, same precision, batch and mode) when ``peer``. Steps scale down with the batch (at least
+    30): about the same samples per cell."""
+    smallest = {p: min(b for q, b in cells if q == p) for p, _ in cells}
+    largest = max(b for _, b in cells)
+    out = []
+    for p, b in cells:
+        for m in modes:
+            compiled = m == "compiled"
+            n = max(min(steps, 30), steps * min(1, 256 / b)) if b > 256 else steps
+            cell = {"name": f"{p}-b{b}-{m}", "precision": p, "batch": b, "compiled": compiled, "peer": False,
+                    "eval": not compiled and b == smallest[p], "steps": int(n), "skip": skip[m]}  # fmt: skip
+            out.append(cell)
 
     def rank(c: dict) -> tuple:
-        target = c["precision"] == precisions[0] and c["batch"] == max(batches)
-        return (0 if target else 1 if c["eval"] else 2, c["compiled"], precisions.index(c["precision"]))
+        return (0 if c["batch"] == largest and c["precision"] == cells[-1][0] else 1 if c["eval"] else 2,
+                c["compiled"], -c["batch"])  # fmt: skip
 
-    return sorted(cells, key=rank)
+    ordered = []
+    for c in sorted(out, key=rank):
+        ordered.append(c)
+        if peer:
+            ordered.append({**c, "name": "open_clip-" + c["name"], "peer": True, "eval": False})
+    return ordered
+
+
+def parse_cells(text: str) -> list[tuple[str, int]]:
+    """``fp16:64,bf16:256`` -> [("fp16", 64), ("bf16", 256)]."""
+    out = []
+    for part in text.split(","):
+        p, b = part.split(":")
+        if p not in ("bf16", "fp16"):
+            raise SystemExit(f"gpu_check.py: --cells {text}: precision {p!r} is not bf16 or fp16")
+        out.append((p, int(b)))
+    return out
 
 
 # --- the table --------------------------------------------------------------------------------------------------
@@ -207,26 +204,45 @@ def fmt(x: float | None, spec: str = ".1f") -> str:
 
 
 def table(
-    rows: list[dict], widths: dict[int, float], flops: dict[int, float], peak_tflops: float | None
+    rows: list[dict], widths: dict[int, float], flops: dict[int, float], peak_tflops: float | None, busy: dict
 ) -> str:
-    head = ("| config | precision | batch | mode | status | samples/s | step ms | MFU | peak device GB | "
-            "caption width | train loss | eval loss | R@1 i2t / t2i | wall s |")  # fmt: skip
-    lines = [head, "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    head = ("| config | precision | batch | mode | status | samples/s | ours / open_clip | step ms | MFU | GPU busy | "
+            "peak device GB | caption width | train loss | eval loss | R@1 i2t / t2i | wall s |")  # fmt: skip
+    lines = [head, "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    fps_of = {
+        r["name"]: r.get("results", {}).get("train_samples_per_second") if r["status"] == "ok" else None
+        for r in rows
+    }
     for r in rows:
         res = r.get("results", {})
-        fps = res.get("train_samples_per_second") if r["status"] == "ok" else None
-        mfu = fps * flops[r["batch"]] / (peak_tflops * 1e12) if fps and peak_tflops else None
+        fps = fps_of[r["name"]]
+        peer_fps = None if r["peer"] else fps_of.get("open_clip-" + r["name"])
+        ratio = f"{fps / peer_fps:.2f}x" if fps and peer_fps else "-"
+        width = (
+            77.0 if r["peer"] else widths[r["batch"]]
+        )  # open_clip pads every caption to its context length
+        mfu = fps * flops[width] / (peak_tflops * 1e12) if fps and peak_tflops else None
         i2t, t2i = res.get("eval_image_to_text_R@1"), res.get("eval_text_to_image_R@1")
         recall = f"{i2t:.1f} / {t2i:.1f}" if i2t is not None and t2i is not None else "-"
         lines.append(
             f"| {r['name']} | {r['precision']} | {r['batch']} | {'compiled' if r['compiled'] else 'eager'} | "
-            f"{r['status']} | {fmt(fps)} | {fmt(1000 * r['batch'] / fps if fps else None)} | "
-            f"{fmt(100 * mfu if mfu else None, '.1f')}{'%' if mfu else ''} | "
-            f"{fmt(res.get('train_peak_device_memory_gb'), '.2f')} | {widths[r['batch']]:.1f} | "
+            f"{r['status']} | {fmt(fps)} | {ratio} | {fmt(1000 * r['batch'] / fps if fps else None)} | "
+            f"{fmt(100 * mfu if mfu else None, '.1f')}{'%' if mfu else ''} | {busy.get(r['name'], '-')} | "
+            f"{fmt(res.get('train_peak_device_memory_gb'), '.2f')} | {width:.1f} | "
             f"{fmt(res.get('train_loss'), '.4f')} | {fmt(res.get('eval_loss'), '.4f')} | {recall} | "
             f"{r.get('wall_s', '-')} |"
         )  # fmt: skip
     return "\n".join(lines)
+
+
+def profile_busy(prof_file: str) -> str:
+    """profile_run.py's "gpu busy: X% of Y ms" line, as X% ("-" on CPU or when missing)."""
+    try:
+        with open(prof_file) as f:
+            line = next((x for x in f if x.startswith("gpu busy:")), "")
+    except OSError:
+        return "-"
+    return line.split()[2] if line else "-"
 
 
 def describe(device: str) -> str:
@@ -263,8 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config_timeout_s", type=float, default=240, help="the most one configuration may take")
     p.add_argument("--steps", type=int, help="timed steps per configuration (default 200; tiny 6)")
     p.add_argument("--images", type=int, help="train images, 5 captions each (default 6000; tiny 120)")
-    p.add_argument("--precisions", help="comma list of bf16,fp16 (default both; fp16 = the recipe's flags)")
-    p.add_argument("--batches", help="comma list (default 256,64; tiny 16)")
+    p.add_argument("--cells", help="precision:batch list (default fp16:64,bf16:256,bf16:1024; tiny "
+                   "bf16:16,fp16:16); fp16 = the recipe's flags")  # fmt: skip
+    p.add_argument("--peer", choices=["auto", "on", "off"], default="auto",
+                   help="open_clip's app side by side (auto: when open_clip is installed)")  # fmt: skip
     p.add_argument(
         "--modes",
         help="comma list of eager,compiled (default both; tiny: eager, since compiling takes "
@@ -290,8 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     peak = a.peak_tflops or (990.0 if a.device == "cuda" else None)
     steps = a.steps or (6 if a.tiny else 200)
     skip = {"eager": 2 if a.tiny else 10, "compiled": 3 if a.tiny else 30}
-    batches = [int(b) for b in (a.batches or ("16" if a.tiny else "256,64")).split(",")]
-    precisions = (a.precisions or "bf16,fp16").split(",")
+    cells = parse_cells(a.cells or ("bf16:16,fp16:16" if a.tiny else "fp16:64,bf16:256,bf16:1024"))
+    batches = sorted({b for _, b in cells})
+    import peer_open_clip
+
+    if a.peer == "on" and not peer_open_clip.available():
+        sys.exit("gpu_check.py: --peer on needs open_clip: pip install -r benchmarks/requirements-bench.txt")
+    peer = a.peer == "on" or (a.peer == "auto" and peer_open_clip.available())
     modes = (a.modes or ("eager" if a.tiny else "eager,compiled")).split(",")
     model = "tiny" if a.tiny else "full-size"
     paths = prepare(a.root, a.images or (120 if a.tiny else 6000), 40 if a.tiny else 500, model)
@@ -299,24 +322,34 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(paths["model"])
-    flops = {b: flops_per_sample(config, w) for b, w in widths.items()}
+    flops = {w: flops_per_sample(config, w) for w in [*widths.values(), 77.0]}
+    peer_paths = (
+        peer_open_clip.prepare(paths, os.path.join(os.path.dirname(paths["model"]), "peer")) if peer else {}
+    )
+    peer_workers = a.workers if a.workers is not None else (2 if a.tiny else min(8, os.cpu_count() or 1))
     machine = describe(a.device)
     print(f"machine: {machine}\nmodel: {model}, train FLOPs/sample: "
-          + ", ".join(f"b{b} {f / 1e9:.1f} G (width {widths[b]:.1f})" for b, f in flops.items()), flush=True)  # fmt: skip
+          + ", ".join(f"b{b} {flops[w] / 1e9:.1f} G (width {w:.1f})" for b, w in widths.items())
+          + f"; open_clip (width 77) {flops[77.0] / 1e9:.1f} G; peer: {'on' if peer else 'off'}", flush=True)  # fmt: skip
 
     rows = []
-    for cell in grid(precisions, batches, modes, steps, skip):
+    for cell in grid(cells, modes, steps, skip, peer):
         left = a.budget_s - (time.perf_counter() - started) - RESERVE_S
         if left < 15:
             rows.append({**cell, "status": "skipped (budget)", "results": {}})
             continue
-        row = train_cell(paths, cell, a.root, min(a.config_timeout_s, left), env, a.workers)
+        timeout = min(a.config_timeout_s, left)
+        if cell["peer"]:
+            row = peer_open_clip.peer_cell(peer_paths, cell, a.root, timeout, env, peer_workers)
+        else:
+            row = train_cell(paths, cell, a.root, timeout, env, a.workers)
         rows.append(row)
         fps = row["results"].get("train_samples_per_second")
         print(f"{cell['name']}: {row['status']}, {fmt(fps if row['status'] == 'ok' else None)} samples/s, "
               f"{row['wall_s']} s", flush=True)  # fmt: skip
 
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if r["status"] == "ok" and not r["peer"]]
+    busy: dict[str, str] = {}
     profile_note = "no profile (--no_profile)" if a.no_profile else "no profile: no configuration succeeded"
     if ok and not a.no_profile:
         best = max(ok, key=lambda r: r["results"]["train_samples_per_second"])
@@ -333,11 +366,12 @@ def main(argv: list[str] | None = None) -> int:
             profile_note = (
                 f"profile of {best['name']} ({prof_steps} steps): {status}, {seconds:.0f} s -> profile.txt"
             )
+            busy[best["name"]] = profile_busy(prof_file)
         else:
             profile_note = "no profile: out of budget"
         shutil.rmtree(out, ignore_errors=True)
 
-    md = table(rows, widths, flops, peak)
+    md = table(rows, widths, flops, peak, busy)
     notes = [
         f"machine: {machine}",
         f"model: {model} random init; data: {a.images or (120 if a.tiny else 6000)} train images (224 px, 5 "
@@ -346,6 +380,16 @@ def main(argv: list[str] | None = None) -> int:
         f"samples/s = run_clip.py's train_samples_per_second; peak = torch.cuda.max_memory_allocated",
         "MFU: "
         + (f"train FLOPs/sample x samples/s / {peak:g} TFLOP/s" if peak else "- (no device peak on CPU)"),
+        "open_clip: "
+        + (
+            "its own app (python -m open_clip_train.main via benchmarks/peer_open_clip.py), model config "
+            "roberta-ViT-B-32 with a local random-init roberta of the same shapes, csv of the same images "
+            "and captions, its loader (decodes per sample, captions padded to 77), same batch, AMP "
+            "precision, AdamW lr/wd; samples/s = batch / mean logged step time after the same untimed "
+            "steps; ours / open_clip compares the same precision, batch and mode"
+            if peer
+            else "not run (open_clip not installed, or --peer off)"
+        ),
         profile_note,
         f"total {time.perf_counter() - started:.0f} s of --budget_s {a.budget_s:g}",
     ]

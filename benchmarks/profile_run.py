@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -34,13 +35,18 @@ def profile_child(out_file: str, start: int, count: int, argv: list[str]) -> int
                 if torch.cuda.is_available() and args.device.type == "cuda":
                     kinds.append(torch.profiler.ProfilerActivity.CUDA)
                 self.prof = torch.profiler.profile(activities=kinds)
+                synchronize(args.device)
+                self.t0 = time.perf_counter()
                 self.prof.__enter__()
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
             if self.prof is not None and state.global_step == start + count:
                 synchronize(args.device)
+                wall = time.perf_counter() - self.t0
                 self.prof.__exit__(None, None, None)
-                write_profile(self.prof, out_file, f"steps {start + 1}-{start + count} of: {' '.join(argv)}")
+                write_profile(
+                    self.prof, out_file, f"steps {start + 1}-{start + count} of: {' '.join(argv)}", wall
+                )
                 self.prof = None
 
     class Profiled(run_clip.ClipTrainer):
@@ -52,11 +58,31 @@ def profile_child(out_file: str, start: int, count: int, argv: list[str]) -> int
     return run_clip.cli(argv)
 
 
-def write_profile(prof: object, out_file: str, title: str) -> None:
+def busy_fraction(prof: object, wall_s: float) -> float | None:
+    """The share of ``wall_s`` in which at least one GPU kernel ran (union of kernel intervals); None on CPU."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if str(getattr(e, "device_type", "")).endswith("CUDA") and e.time_range.end > e.time_range.start
+    )
+    if not spans or wall_s <= 0:
+        return None
+    busy, (lo, hi) = 0.0, spans[0]
+    for s, e in spans[1:]:
+        if s > hi:
+            busy, lo, hi = busy + hi - lo, s, e
+        else:
+            hi = max(hi, e)
+    return (busy + hi - lo) / 1e6 / wall_s  # profiler times are in microseconds
+
+
+def write_profile(prof: object, out_file: str, title: str, wall_s: float = 0.0) -> None:
     events = prof.key_averages()
     device = any(getattr(e, "device_time_total", 0) for e in events)
+    busy = busy_fraction(prof, wall_s)
     with open(out_file, "w") as f:
         f.write(f"torch.profiler, {title}\n\n")
+        f.write(f"gpu busy: {'-' if busy is None else f'{100 * busy:.1f}%'} of {1000 * wall_s:.1f} ms\n\n")
         for sort in (["device_time_total", "cuda_time_total"] if device else []) + ["cpu_time_total"]:
             try:
                 f.write(

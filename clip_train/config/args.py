@@ -111,6 +111,13 @@ class DataTrainingArguments:
         default=False,
         metadata={"help": "Pad every caption to max_seq_length (the reference); else per batch."},
     )
+    pad_to_multiple_of: int = field(
+        default=8,
+        metadata={
+            "help": "Round each batch's caption width up to a multiple of N (capped at max_seq_length): fewer "
+            "distinct shapes for torch.compile / CUDA graphs (open_clip's --text-pad-multiple)."
+        },
+    )
     image_cache: bool = field(
         default=True,
         metadata={"help": "Decode each image once into a uint8 cache; False decodes per sample."},
@@ -175,6 +182,7 @@ class DataTrainingArguments:
             Rule("caption_column", coco_column, "a column of the rows", "caption for COCO"),
             Rule("preprocessing_num_workers", whole(1), "a whole number >= 1", "e.g. 4, or leave it out for one process"),
             Rule("max_seq_length", whole(1), "a whole number of tokens >= 1", "e.g. 77 (CLIP's) or 128 (the recipe's)"),
+            Rule("pad_to_multiple_of", whole(1), "a whole number of tokens >= 1", "e.g. 8 (the default) or 16; 1 pads to the longest caption"),
             Rule("max_train_samples", whole(1), "a whole number of rows >= 1", "leave it out to use every row"),
             Rule("max_eval_samples", whole(1), "a whole number of rows >= 1", "leave it out to use every row"),
             Rule("train_num_samples", whole(1), "a whole number of samples >= 1 (the epoch length)", "or leave it out to read sizes.json next to the shards"),

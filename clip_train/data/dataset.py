@@ -1,7 +1,9 @@
 """From caption rows to training batches: tokenise once, point captions at decoded images, pad per batch.
 
 A sample is (token ids, uint8 image). The collator pads each batch only to its longest caption (rounded up to a
-multiple of 8) unless ``pad_to_max_length``; images stay uint8 until they reach the device. ``feeding_defaults``
+multiple of ``pad_to_multiple_of``, 8 by default) unless ``pad_to_max_length``; images stay uint8 until they reach
+the device. A batch without any padding gets no attention mask: the host knows it, so the model need not check it
+on the device (transformers' ``padding_mask.all()``, a host-device sync in every RoBERTa forward). ``feeding_defaults``
 picks the DataLoader settings a run did not set.
 """
 
@@ -161,22 +163,30 @@ def pad_captions(ids: list[np.ndarray], pad_id: int, width: int | None) -> tuple
 
 
 class Collator:
-    """Pads a batch's captions to its longest (a multiple of 8) or to ``max_len``; stacks uint8 images."""
+    """Pads a batch's captions to its longest rounded up to a multiple of ``pad_to_multiple_of`` (capped at
+    ``max_len``), or to ``max_len``; stacks uint8 images. No "attention_mask" when no caption is padded."""
 
-    def __init__(self, pad_id: int, max_len: int, pad_to_max_length: bool = False) -> None:
+    def __init__(
+        self, pad_id: int, max_len: int, pad_to_max_length: bool = False, pad_to_multiple_of: int = 8
+    ) -> None:
         self.pad_id, self.max_len, self.pad_to_max_length = pad_id, max_len, pad_to_max_length
+        self.multiple = max(1, pad_to_multiple_of)
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         given = len(samples)
         samples = [s for s in samples if s["pixel_values"] is not None]  # undecodable on the fly (logged)
         ids = [s["input_ids"] for s in samples]
-        longest = -(-max((len(x) for x in ids), default=1) // 8) * 8
-        width = self.max_len if self.pad_to_max_length else min(self.max_len, longest)
-        input_ids, mask = pad_captions(ids, self.pad_id, max(width, max((len(x) for x in ids), default=1)))
+        longest = max((len(x) for x in ids), default=1)
+        rounded = -(-longest // self.multiple) * self.multiple
+        width = max(longest, self.max_len if self.pad_to_max_length else min(self.max_len, rounded))
+        input_ids, mask = pad_captions(ids, self.pad_id, width)
         images = (
             np.stack([s["pixel_values"] for s in samples]) if samples else np.zeros((0, 1, 1, 3), np.uint8)
         )
         batch = {"input_ids": input_ids, "attention_mask": mask, "pixel_values": torch.from_numpy(images)}
+        if ids and all(len(x) == width for x in ids):
+            # Nothing padded: what transformers would otherwise test on the device, answered here.
+            del batch["attention_mask"]
         if len(samples) < given:  # counted by the trainer (ClipTrainer.undecodable)
             batch["undecodable"] = torch.tensor(given - len(samples))
         return batch

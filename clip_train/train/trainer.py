@@ -19,8 +19,9 @@ from clip_train.device.backend import synchronize
 from clip_train.eval.evaluation import RetrievalSkipped, retrieval_eval
 from clip_train.eval.zeroshot import ZeroShotSet, ZeroShotSkipped, zeroshot_eval
 from clip_train.train.accumulation import ContrastiveAccumulationMixin
-from clip_train.train.compiling import mark_caption_width_dynamic
+from clip_train.train.compiling import allow_static_widths, mark_caption_width, width_policy
 from clip_train.train.loss import clip_loss
+from clip_train.train.text_mask import full_mask, text_attention_mask
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,16 @@ class ClipTrainer(BackendTrainerMixin, ContrastiveAccumulationMixin, Trainer):
         self._pixel_buffer: torch.Tensor | None = None
         # Samples left out of batches on the fly, by phase, this rank: device tensors summed without a host sync.
         self._undecodable: dict[str, Any] = {}
+        # The text tower's attention implementation (read at the first batch), and for compiled runs the mask of
+        # a batch without padding, per shape.
+        self._text_attn: str | None = None
+        self._full_masks: dict[tuple, torch.Tensor] = {}
+        self._static_widths = (
+            self.args.torch_compile and width_policy(self.args.torch_compile_mode) == "static"
+        )
+        if self._static_widths:
+            collator = self.data_collator
+            allow_static_widths(getattr(collator, "max_len", 128), getattr(collator, "multiple", 8))
         self.add_callback(_StepClock(self._clock))
         if train_input is not None and train_input.progress is not None:
             self.add_callback(train_input.progress)  # reads the loader's progress back at resume
@@ -150,14 +161,30 @@ class ClipTrainer(BackendTrainerMixin, ContrastiveAccumulationMixin, Trainer):
                     "every image of a batch failed to decode on the fly (see the warnings above): check the data, "
                     "or use the image cache (the default), which leaves undecodable images out before batching"
                 )
-        if self.args.torch_compile:
-            mark_caption_width_dynamic(inputs)  # one graph for every per-batch caption width
         return model(
             input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
+            attention_mask=self.text_mask(model, inputs),
             pixel_values=self.pixels(inputs["pixel_values"]),
             return_loss=False,
         )
+
+    def text_mask(self, model: torch.nn.Module, inputs: dict) -> torch.Tensor | None:
+        """The batch's attention mask in the 4-D form the text tower uses unchecked (train/text_mask.py): no
+        host-device sync in the forward. No mask (nothing padded) stays None in eager runs; compiled runs get an
+        all-True mask instead, so a padded and an unpadded batch of one width share a graph."""
+        if self._text_attn is None:
+            text = getattr(self.accelerator.unwrap_model(model), "text_model", None)
+            self._text_attn = getattr(getattr(text, "config", None), "_attn_implementation", None) or ""
+        mask = text_attention_mask(inputs.get("attention_mask"), self._text_attn)
+        ids = inputs["input_ids"]
+        if mask is None and self.args.torch_compile:
+            key = (*ids.shape, ids.device)
+            if key not in self._full_masks:
+                self._full_masks[key] = full_mask(*ids.shape, self._text_attn, ids.device)
+            mask = self._full_masks[key]
+        if self.args.torch_compile:
+            mark_caption_width({"input_ids": ids, "attention_mask": mask}, static=self._static_widths)
+        return mask
 
     def prediction_step(
         self, model: torch.nn.Module, inputs: dict, prediction_loss_only: bool, ignore_keys: Any = None

@@ -52,6 +52,7 @@ ROWS: list[tuple[list[str], str]] = [
     (["--shuffle_buffer", "-1"], "--shuffle_buffer -1: expected a whole number of samples >= 0"),
     (["--accumulation_mode", "sum"], "--accumulation_mode sum: expected contrastive or mean"),
     (["--max_seq_length", "0"], "--max_seq_length 0: expected a whole number of tokens >= 1"),
+    (["--pad_to_multiple_of", "0"], "--pad_to_multiple_of 0: expected a whole number of tokens >= 1"),
     (["--max_train_samples", "0"], "--max_train_samples 0: expected"),
     (["--max_eval_samples", "-1"], "--max_eval_samples -1: expected"),
     (["--max_steps", "-5"], "--max_steps -5: expected a number of steps >= 1, or -1"),

@@ -129,3 +129,30 @@ def test_compiled_training_matches_eager_with_bounded_compilations(
     # Evaluation (eval mode, a smaller last batch) adds at most a couple of graphs, not one per width.
     assert compiled["compiled_after_eval"] - counts[-1] <= 3, compiled["compiled_after_eval"]
     assert eager["compiled"][-1] == 0
+
+
+def test_cuda_graph_modes_compile_one_static_graph_per_width_bucket(demo, tmp_path, monkeypatch) -> None:
+    """reduce-overhead (CUDA graphs need static shapes): each --pad_to_multiple_of bucket gets one static graph, so
+    the graph count over a run of many caption widths is bounded by the buckets it meets, and the losses equal
+    per-batch padding's (multiple of 8, eager). Backend aot_eager: the graphs dynamo makes are the same as
+    inductor's, in seconds (on CPU inductor skips the CUDA graphs anyway)."""
+    data_dir = varied_captions(demo[0], demo[1], str(tmp_path / "coco"))
+    model_dir = no_dropout(demo[1], str(tmp_path / "model"))
+    eager = train(monkeypatch, data_dir, model_dir, str(tmp_path / "eager"))
+    bucketed = train(monkeypatch, data_dir, model_dir, str(tmp_path / "bucketed"), "--torch_compile", "True",
+                     "--torch_compile_backend", "aot_eager", "--torch_compile_mode", "reduce-overhead",
+                     "--pad_to_multiple_of", "16")  # fmt: skip
+    assert len(set(eager["widths"])) >= 5, eager["widths"]  # many per-batch widths...
+    buckets = set(bucketed["widths"])
+    assert all(w % 16 == 0 for w in buckets) and 2 <= len(buckets) < len(set(eager["widths"])), buckets
+    # ...one static graph per bucket met (a bucket seen again reuses its graph), never one per width
+    counts = bucketed["compiled"]
+    first_seen = [len(set(bucketed["widths"][: i + 1])) for i in range(len(counts))]
+    assert counts == [c0 + n for c0, n in zip([counts[0] - 1] * len(counts), first_seen, strict=True)], (
+        counts,
+        bucketed["widths"],
+    )
+    assert counts[-1] - counts[0] + 1 == len(buckets)
+    for step, (a, b) in enumerate(zip(eager["loss"], bucketed["loss"], strict=True)):
+        assert abs(a - b) <= 1e-4, (step, a, b)
+    assert abs(eager["results"]["eval_loss"] - bucketed["results"]["eval_loss"]) <= 1e-4
