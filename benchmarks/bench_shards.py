@@ -6,7 +6,7 @@
 
 Prints:
   (0) raw samples/s (tar read + key grouping, no decoding) of the two maintained readers, one process: the
-      ``webdataset`` package (what clip_train/shard_stream.py uses) and datasets' streaming ``webdataset`` builder
+      ``webdataset`` package (what clip_train/data/shard_stream.py uses) and datasets' streaming ``webdataset`` builder
       (image column left undecoded), for the library choice;
   (a) samples/s of ONE loader process producing training samples (decode + resize/crop + tokenise): from the
       shards (ShardStream, shuffle buffer 1000, timed after its first fill) vs on the fly from the COCO zips (the

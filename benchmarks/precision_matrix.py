@@ -1,7 +1,7 @@
 """The precision matrix on whatever device this host has: each cell a real short run_clip.py run (train a few steps
 -> evaluate with retrieval -> save), then the saved folder reloaded with AutoModel and embedded on the device.
 
-On a GPU (or NPU) host this is the check tests/test_precision_matrix.py cannot make on CPU: --bf16 and the
+On a GPU (or NPU) host this is the check tests/runs/test_precision_matrix.py cannot make on CPU: --bf16 and the
 recipe's fp16 flags under real autocast and a real GradScaler, end to end. Prints one line per cell and exits 1 if
 any cell failed.
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # CLIP on 8 cards of one node, the recipe's performance run: 1000 steps; reports images/sec.
-# All flags and outputs: bash test/train_clip_performance_8p.sh --help (the implementation is clip_train/launch.py).
+# All flags and outputs: bash test/train_clip_performance_8p.sh --help (the implementation is clip_train/launch/).
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$here/env_npu.sh" # CANN's libraries must be on the path before Python loads torch_npu
 command -v "${PYTHON:-python3}" >/dev/null || { echo "[Error] no python at '${PYTHON:-python3}': put python3 on PATH or set PYTHON=/path/to/python" >&2; exit 1; }

@@ -8,7 +8,7 @@ marker lists every file rank 0 sees then, with its size and hash, and the run's 
 On one node, or nodes sharing the output folder, that is every rank's file; with per-node disks and
 ``--save_on_each_node`` each node's first rank marks its own copy with the files it sees.
 
-The recipe's ``--save_steps 150000`` means "never" on COCO, so the guard also asks for a save whenever
+The recipe's ``--save_steps 150000`` means "never" on COCO, so the marker callback also asks for a save whenever
 ``--save_minutes`` of wall time have passed since the last one. Ranks must agree on the step that saves (the
 marker's barrier would otherwise hang), so the decision is taken from rank 0's clock, shared by an all-reduce at
 a few steps only (1, 2, 4, 8, ... steps after each save, and the step after an evaluation), from which the step of

@@ -126,7 +126,7 @@ class DataTrainingArguments:
         default=None,
         metadata={"help": "Where the token/image caches live (default ~/.cache/clip_for_pytorch)."},
     )
-    # WebDataset shards (clip_train/shard_input.py, shard_stream.py); replace the COCO folder / files of a split.
+    # WebDataset shards (clip_train/data/shard_reader.py, shard_stream.py); replace the COCO folder / files of a split.
     train_shards: str | None = field(
         default=None,
         metadata={"help": "Train shards: brace patterns joined with ::, e.g. /d/{00000..00331}.tar"},

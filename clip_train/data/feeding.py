@@ -34,7 +34,7 @@ def feeding_defaults(
 
     - pin_memory only with an accelerator (on CPU it is wasted work and a warning), there with non-blocking copies;
     - persistent workers stay off (the user may turn them on): with them, a run resumed mid-epoch does not see
-      the batches an uninterrupted run sees (measured by tests/test_resume.py), and the fork they save is cheap
+      the batches an uninterrupted run sees (measured by tests/runs/test_resume.py), and the fork they save is cheap
       here because a worker only holds the memory-mapped image cache;
     - with an accelerator, a few workers (up to 4 per rank) and a deeper prefetch (4 batches), to ride out jitter;
     - on CPU the workers share the cores with the model's threads: with the image cache a batch is a copy of

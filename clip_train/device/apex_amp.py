@@ -11,7 +11,7 @@ Grads in combined buffers (apex, torch_npu's fused optimizers) must stay those b
 
 Overrides: `create_optimizer`, `training_step` (a one-time hook, then the Trainer's own), `_clip_grad_norm` and
 `_load_optimizer_and_scheduler` (apex O2: the fp32 master weights exist before Adam's moments are loaded, so the
-moments keep fp32). The non-finite step guard (clip_train/guard.py) comes with it; its apex hooks are here.
+moments keep fp32). The non-finite step check (device/nonfinite.py) comes with it; its apex hooks are here.
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ class BackendTrainerMixin(NonFiniteStepMixin):
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
         if grad_norm is None and self._amp is not None:
             # Clipping off (--max_grad_norm 0): the Trainer would take the norm of the fp16 model grads, which under
-            # O2 still carry the loss scale: in fp16 it is inf whenever scale x |g| > 65504, and the guard would skip
-            # a sound step (and halve a static scale) for it. The fp32 master grads are what the optimizer steps on.
+            # O2 still carry the loss scale: in fp16 it is inf whenever scale x |g| > 65504, and the non-finite check
+            # would skip a sound step (and halve a static scale) for it. The fp32 master grads are what the optimizer steps on.
             grad_norm = self._clip_grad_norm(model, max_norm=float("inf"))
         return super()._get_grad_norm(model, grad_norm)
 
@@ -130,7 +130,7 @@ class BackendTrainerMixin(NonFiniteStepMixin):
             metrics[f"{prefix}_precision"] = describe_precision(self.backend_plan)
         return metrics
 
-    # --- apex's part of the non-finite guard ------------------------------------------------------------------
+    # --- apex's part of the non-finite check ------------------------------------------------------------------
     def _backend_skip_pending(self) -> bool:
         # apex's dynamic scaler found the overflow in scale_loss and armed a one-shot skipping optimizer.step.
         return self._amp is not None and bool(self._raw_optimizer._amp_stash.already_patched)

@@ -50,7 +50,7 @@ class BackendPlan:
     )
     settings: dict[str, Any] = field(
         default_factory=dict
-    )  # DDP / TF32 / logging choices (device_settings.py)
+    )  # DDP / TF32 / logging choices (device/settings.py)
 
     @property
     def distributed(self) -> bool:

@@ -1,8 +1,8 @@
-"""Non-finite step guard: an optimizer step whose gradients are not finite is not applied, on every precision path.
+"""The non-finite step check: an optimizer step whose gradients are not finite is not applied, on every precision path.
 
 One mechanism for apex (static and dynamic scale), the torch_npu and CUDA GradScalers (static or dynamic), bf16
 and fp32. The Trainer computes the gradient norm of every step (`_get_grad_norm`, after the clip; with a GradScaler
-on unscaled grads); the norm is finite exactly when every gradient is. Before the optimizer step the guard reads
+on unscaled grads); the norm is finite exactly when every gradient is. Before the optimizer step the check reads
 that one flag (one host-device sync per optimizer step: GradScalers and apex's dynamic scaler already sync there,
 bf16/fp32 pay it on CPU and NPU; on CUDA with torch's fused AdamW the flag is read a step later, at the same step
 on every rank, nearly always without a stall, see "the sync-free path" below) and, when it is not finite:
@@ -18,11 +18,11 @@ on every rank, nearly always without a stall, see "the sync-free path" below) an
   with a non-finite step, and the last checkpoint on disk is left as it is.
 
 A checkpoint or final model with non-finite weights is never written (`check_finite_weights`). Every checkpoint
-carries the guard's state (``nonfinite_state.json``: the skipped steps, the lowered scale and apex's scaler), which a
+carries the check's state (``nonfinite_state.json``: the skipped steps, the lowered scale and apex's scaler), which a
 resume restores: the scale goes on from where the run had lowered it, and the skip count covers the whole run.
 
 The Trainer's `logging_nan_inf_filter` (replace a non-finite micro-step loss in the logged mean by the mean so far)
-costs a host sync per micro-step; device_settings.py turns it off on accelerators and `training_step` here does the
+costs a host sync per micro-step; device/settings.py turns it off on accelerators and `training_step` here does the
 same replacement on the device (`torch.where`), so logged losses stay finite without the sync.
 """
 
@@ -50,7 +50,7 @@ STATIC_BACKOFF = 0.5
 # theirs after 2000 overflow-free steps; a lowered static scale grows back at the same pace, up to the one asked for.
 STATIC_GROWTH_INTERVAL = 2000
 STATIC_GROWTH = 2.0
-STATE_FILE = "nonfinite_state.json"  # the guard's state, in every checkpoint folder (covered by its marker)
+STATE_FILE = "nonfinite_state.json"  # the check's state, in every checkpoint folder (covered by its marker)
 
 
 def is_finite(norm: torch.Tensor | float | None) -> bool:
@@ -58,7 +58,7 @@ def is_finite(norm: torch.Tensor | float | None) -> bool:
     if norm is None:
         return True
     if isinstance(norm, torch.Tensor):
-        return bool(torch.isfinite(norm).all())  # the guard's one host sync per optimizer step
+        return bool(torch.isfinite(norm).all())  # the check's one host sync per optimizer step
     return math.isfinite(float(norm))
 
 
@@ -125,7 +125,7 @@ class NonFiniteStepMixin:
         super()._load_scaler(checkpoint)  # a GradScaler's scale comes back from the Trainer's scaler.pt
         path = os.path.join(checkpoint, STATE_FILE) if checkpoint else ""
         if not os.path.isfile(path):
-            return  # saved before the guard kept its state
+            return  # saved before the check kept its state
         with open(path) as f:
             state = json.load(f)
         self._skipped_steps = list(state["skipped_steps"])
@@ -143,7 +143,7 @@ class NonFiniteStepMixin:
         self._resolve_pending()
         return {f"{prefix}_skipped_nonfinite_steps": len(self._skipped_steps)}
 
-    # --- the guard --------------------------------------------------------------------------------------------
+    # --- the check --------------------------------------------------------------------------------------------
     def _guard_optimizer(self, optimizer: Any) -> None:
         original = optimizer.step
 
@@ -271,7 +271,7 @@ class NonFiniteStepMixin:
 
     # --- the sync-free path (CUDA, torch's fused AdamW, no static scale) -------------------------------------------
     # The fused AdamW kernel takes a `found_inf` tensor and skips the update (and its step count) on the device. The
-    # guard hands it the step's non-finite flag, copies the flag to pinned host memory behind a CUDA event, and reads
+    # check hands it the step's non-finite flag, copies the flag to pinned host memory behind a CUDA event, and reads
     # it at a fixed lag: step n's flag at step n+1's optimizer step, before that update is queued, waiting for the
     # event if need be (one recorded a whole step earlier: the GPU has nearly always passed it, and waiting for it
     # still leaves step n+1's forward and backward queued, so the GPU never idles). A skipped step's LR-schedule

@@ -5,8 +5,8 @@ Each is chosen only when the user did not give its TrainingArguments flag (`--dd
 choices and config/settle.py applies them, once; `describe` states the settled values for the start-up line.
 
 - find_unused_parameters off: every trainable parameter of the dual encoder gets a gradient at every step (frozen
-  towers have requires_grad=False, which DDP leaves out; tests/test_device_settings.py checks it on 2 gloo ranks),
-  so the Trainer's default (on) only costs a graph traversal per step.
+  towers have requires_grad=False, which DDP leaves out; tests/unit/device/test_device_settings.py checks it on 2 gloo
+  ranks), so the Trainer's default (on) only costs a graph traversal per step.
 - broadcast_buffers off: the model's buffers (position / token-type ids) are constants; re-sending them each
   forward is wasted traffic.
 - bucket size: the recipe's 150 MB on Ascend (HCCL's per-call cost favours few, large all-reduces); on CUDA
@@ -14,7 +14,7 @@ choices and config/settle.py applies them, once; `describe` states the settled v
   overlaps the backward pass (150 MB would hold ~40 M fp32 gradients, a quarter of clip-roberta, before the first
   all-reduce starts). Not measured here (no multi-GPU host was available): pass --ddp_bucket_cap_mb to tune it.
 - logging_nan_inf_filter off on accelerators: it syncs host and device at every micro-step; the non-finite
-  guard (guard.py) skips and counts non-finite steps instead, and keeps their loss out of the logged mean on the
+  check (nonfinite.py) skips and counts non-finite steps instead, and keeps their loss out of the logged mean on the
   device (no sync).
 - TF32 on for fp32 runs on CUDA GPUs that have it (matmuls and convolutions in TF32, ~8x the fp32 rate on Ampere+).
 - A single process that sees several CUDA GPUs (`python3 run_clip.py` without torchrun) trains on cuda:0 only

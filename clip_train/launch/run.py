@@ -2,7 +2,7 @@
 
 SIGTERM or Ctrl-C to the launcher goes to torchrun as one SIGTERM (torchrun runs in its own session, so a terminal's
 Ctrl-C reaches it only this way, once); torchrun forwards it to the workers, which finish their step and write a
-checkpoint (clip_train/preemption.py). A second signal kills torchrun's whole process group.
+checkpoint (clip_train/checkpoint/preemption.py). A second signal kills torchrun's whole process group.
 """
 
 from __future__ import annotations

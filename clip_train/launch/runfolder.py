@@ -4,15 +4,16 @@ Layout under ``$OUTPUT_ROOT/$ASCEND_DEVICE_ID/`` (the recipe's place for its log
 
     train_$ASCEND_DEVICE_ID.log        the console of the latest launch (the recipe's users grep it); on several
                                        nodes train_$ASCEND_DEVICE_ID.node$R.log, one per node
-    ${CaseName}.log                    the latest run's summary (node 0)
+    ${CaseName}.log                    the latest run's summary (by the node whose worker held global rank 0)
     ${CaseName}/                       the run folder: run_clip.py's --output_dir (checkpoint-N/, all_results.json,
                                        the trained model), plus launch.log (every launch of this run, appended) and
                                        summary.log (its own summary); launch-no-restart.txt, launch-rank0.txt and
                                        launch-nodes/ are the launcher's notes to itself (worker.py)
     ${CaseName}.finished-YYYYmmdd-HHMMSS/   a finished run of the same case, set aside when the case ran again
 
-A run is finished once run_clip.py has written ``all_results.json`` (it does so after training); anything else in a
-run folder is an interrupted run, which the next launch resumes.
+A run is finished once run_clip.py has written ``all_results.json`` (it does so last, after the final model and the
+final evaluation: checkpoint/finishing.py); anything else in a run folder is an interrupted run, which the next launch
+resumes.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The launchers' run summary (the Ascend ModelZoo contract), read from a finished run's results files.
 
-clip_train/launch.py calls ``report`` on node 0 after training (``python3 -m clip_train.launch.summary ...`` does the same).
-It reads
+launch/run.py calls ``report`` on the node whose worker held global rank 0, after the run (``python3 -m
+clip_train.launch.summary ...`` does the same). It reads
 ``all_results.json`` (global FPS after skip_steps, FPS per device, train and eval loss, retrieval R@1, zero-shot
 top-1/top-5 when the run had a class folder) and
 ``trainer_state.json`` (the last logged train loss) from the run's output_dir, writes one ``key = value`` a line

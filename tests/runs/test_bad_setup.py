@@ -1,6 +1,6 @@
 """Every bad set-up ends in one clear message naming the fix, exit code 2 and no traceback.
 
-Extends tests/test_run_clip.py::test_bad_setups_get_one_clear_error, which runs run_clip.py as a process for a
+Extends tests/runs/test_run_clip.py::test_bad_setups_get_one_clear_error, which runs run_clip.py as a process for a
 wrong --data_dir, --max_steps 0, an unknown flag and a folder that is not a model (so the process plumbing,
 ``sys.exit(cli())``, is covered there). Here ``run_clip.cli(argv)`` runs in this process on real files: Python
 start-up is most of a case's cost on a small machine, and an exception cli() does not turn into a message would

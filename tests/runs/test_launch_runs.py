@@ -2,7 +2,7 @@
 
 Each case in its own run folder, a finished run kept aside, the recipe's greps on a real log, a killed worker healed
 by torchrun's restart, SIGTERM saving where it stopped (through the launcher and for run_clip.py alone), two nodes.
-A handful of steps each; the argument handling is tests/test_launchers.py's.
+A handful of steps each; the argument handling is tests/unit/launch/test_launchers.py's.
 """
 
 from __future__ import annotations

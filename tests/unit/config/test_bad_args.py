@@ -1,7 +1,7 @@
 """Every bad argument: exit code 2, one ``run_clip.py: error:`` line naming it, no traceback, nothing written.
 
-One row per bad input, run in this process through ``run_clip.cli`` (as tests/test_bad_setup.py does, which covers
-bad data folders and model folders; tests/test_run_clip.py covers the process plumbing). Every row must fail before
+One row per bad input, run in this process through ``run_clip.cli`` (as tests/runs/test_bad_setup.py does, which covers
+bad data folders and model folders; tests/runs/test_run_clip.py covers the process plumbing). Every row must fail before
 anything is loaded or written: the output folder must not even be created.
 """
 

@@ -1,4 +1,4 @@
-"""apex_amp.BackendTrainerMixin and the non-finite guard driven by a REAL transformers Trainer loop on CPU, with
+"""apex_amp.BackendTrainerMixin and the non-finite check driven by a REAL transformers Trainer loop on CPU, with
 stand-in apex / torch_npu (tests/standins, modelled on the real sources: no NPU exists here)."""
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def all_finite(model: nn.Module) -> bool:
 # --- the recipe's flags on the stand-ins --------------------------------------------------------------------------
 def test_recipe_static_scale_overflows_are_skipped_and_the_scale_lowered(standins, tmp_path, caplog) -> None:
     """apex O2 with the recipe's static 12800000: fp16 grads overflow to inf (as on a 910B) and apex never skips.
-    The guard skips those steps, halves the scale until the grads fit, and the run then trains."""
+    The check skips those steps, halves the scale until the grads fit, and the run then trains."""
     import apex
 
     assert backend.ascend_apex_available()

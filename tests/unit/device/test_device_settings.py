@@ -1,4 +1,4 @@
-"""device_settings.py (DDP / TF32 / logging per family, one GPU per process without torchrun) and the fp32 model load,
+"""device/settings.py (DDP / TF32 / logging per family, one GPU per process without torchrun) and the fp32 model load,
 with real TrainingArguments, a real Trainer, real DDP on 2 gloo processes and a real run_clip.py run."""
 
 from __future__ import annotations

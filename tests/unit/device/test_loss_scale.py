@@ -1,4 +1,4 @@
-"""The loss scale the non-finite guard manages, through a REAL Trainer loop on CPU with the stand-in apex (tests/standins:
+"""The loss scale the non-finite check manages, through a REAL Trainer loop on CPU with the stand-in apex (tests/standins:
 no NPU exists here): the norm it checks under apex with clipping off, a lowered static scale growing back, and the
 scale and skip count carried through a checkpoint into the resumed run."""
 
@@ -42,7 +42,7 @@ def fresh_apex() -> None:
 
 
 def test_apex_o2_without_clipping_skips_no_sound_step(standins, tmp_path) -> None:
-    """--max_grad_norm 0 under apex O2: the norm the guard checks is the fp32 master grads', not the scaled fp16
+    """--max_grad_norm 0 under apex O2: the norm the check reads is the fp32 master grads', not the scaled fp16
     model grads' (inf in fp16 once scale x |g| > 65504 although every gradient is finite)."""
     # 8192 x |g| passes 65504 while every fp16 gradient stays finite: no step of this run overflows.
     trainer = make_trainer(tmp_path / "a", apex_o2("8192"), steps=20, max_grad_norm=0.0)

@@ -1,5 +1,5 @@
-"""The non-finite guard (clip_train/guard.py) on every precision path, driven by a REAL transformers Trainer loop on
-CPU; apex / torch_npu paths through the stand-ins (tests/standins: no NPU exists here). Shared parts: test_apex_amp."""
+"""The non-finite step check (clip_train/device/nonfinite.py) on every precision path, driven by a REAL transformers
+Trainer loop on CPU; apex / torch_npu paths through the stand-ins (tests/standins: no NPU exists here). Shared parts: test_apex_amp."""
 
 from __future__ import annotations
 
@@ -63,13 +63,13 @@ def test_injected_nonfinite_steps_are_skipped_counted_and_hold_the_schedule(
         assert trainer.accelerator.scaler.get_scale() == 2.0**10 / 2**3  # backed off once per skipped step
         assert int(next(iter(trainer.optimizer.optimizer.state.values()))["step"]) == 7
     if path == "torch_npu static GradScaler":
-        assert trainer.accelerator.scaler.get_scale() == 1024 / 2**3  # static: lowered by the guard (said)
+        assert trainer.accelerator.scaler.get_scale() == 1024 / 2**3  # static: lowered by the check (said)
         assert "static loss scale lowered from 1024 to 512" in caplog.text
     if path.startswith("apex"):
         assert apex_calls().count("step") == 10 - skipped
         assert ("skip_step" in apex_calls()) == path.endswith(
             "dynamic"
-        )  # apex's own skip, counted by the guard
+        )  # apex's own skip, counted by the check
 
 
 def test_a_diverging_run_stops_with_a_clear_error_and_saves_no_nan(tmp_path) -> None:
@@ -102,7 +102,8 @@ def test_nonfinite_weights_are_never_saved(tmp_path) -> None:
 
 
 def test_without_the_trainers_filter_logged_losses_stay_finite(tmp_path) -> None:
-    """On accelerators device_settings turns the Trainer's syncing loss filter off; the guard filters on the device."""
+    """On accelerators device/settings.py turns the Trainer's syncing loss filter off; the check filters on the
+    device."""
     plan = backend.make_backend_plan("cpu", fp16=False, bf16=False)
     trainer = make_trainer(
         tmp_path, plan, steps=6, poison=(2, 5), logging_steps=3, logging_nan_inf_filter=False
@@ -118,7 +119,7 @@ def test_without_the_trainers_filter_logged_losses_stay_finite(tmp_path) -> None
 
 
 class LazyOnCpu(BackendTrainer):
-    """The guard's sync-free CUDA path (fused AdamW's found_inf, the flag read a step later), driven on CPU."""
+    """The check's sync-free CUDA path (fused AdamW's found_inf, the flag read a step later), driven on CPU."""
 
     lazy_devices = ("cuda", "cpu")
 
@@ -143,7 +144,7 @@ def test_the_sync_free_path_skips_on_the_device_and_rewinds_the_schedule(
     assert int(next(iter(trainer.optimizer.optimizer.state.values()))["step"]) == 7  # the kernel skipped 3
     assert "step 4: non-finite gradients (inf/NaN, skipped on the device)" in caplog.text
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
-    # The same run with the eager guard ends at the same weights and learning rate.
+    # The same run with the eager check ends at the same weights and learning rate.
     eager = make_trainer(
         tmp_path / "eager", PATHS[path](), steps=10, poison=poison, optim="adamw_torch_fused"
     )

@@ -1,4 +1,4 @@
-"""Two real gloo ranks on the guard's sync-free path (CUDA's, driven on CPU as test_syncs does): a skipped step is
+"""Two real gloo ranks on the check's sync-free path (CUDA's, driven on CPU as test_syncs does): a skipped step is
 taken back at the same step on every rank whatever each rank's device pace, so the replicas stay bit-identical."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _rank(out: str) -> None:
     rank = int(os.environ["RANK"])
     if rank == 1:
         # TEST SEAM (delay injection): this rank's device runs a step behind, so each step's flag event reports
-        # "not ready" the first time it is asked. The guard must not let that decide the step it acts on.
+        # "not ready" the first time it is asked. The check must not let that decide the step it acts on.
         def late(flag: object) -> bool:
             flag.asked = getattr(flag, "asked", 0) + 1
             return flag.asked > 1

@@ -235,8 +235,8 @@ def test_undecodable_images_and_a_limited_split(trained, tmp_path, caplog):
 
 
 def test_a_diverged_model_logs_an_error_and_the_evaluation_goes_on(demo, tmp_path):
-    # Training can no longer make weights NaN (the non-finite guard skips such steps and never saves them:
-    # tests/test_apex_amp.py), so the diverged model is given: its evaluation must still end with eval_loss.
+    # Training can no longer make weights NaN (the non-finite check skips such steps and never saves them:
+    # tests/unit/device/test_apex_amp.py), so the diverged model is given: its evaluation must still end with eval_loss.
     data_dir, model_dir = demo
     nan_dir = str(tmp_path / "diverged")
     shutil.copytree(model_dir, nan_dir)

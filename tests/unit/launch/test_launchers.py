@@ -1,4 +1,4 @@
-"""The launchers (test/train_clip_*.sh over clip_train/launch.py): flags, the command they build, the run folders.
+"""The launchers (test/train_clip_*.sh over clip_train/launch/): flags, the command they build, the run folders.
 
 Argument handling and the command are checked in-process through ``make_launch_plan`` (nothing launched); the device
 probe is replaced there by a stated answer, because no NPU or GPU exists on this machine (one dry run goes through

@@ -324,7 +324,7 @@ def test_apex_o2_stand_in_backpropagates_each_micro_batch_through_scale_loss(dem
 
     _, model_dir = demo
     # A static scale fp16 gradients survive: the recipe's 12800000 overflows them (the stand-in models that, and the
-    # guard then skips every step; tests/test_apex_amp.py covers it).
+    # check then skips every step; tests/unit/device/test_apex_amp.py covers it).
     recipe = {**RECIPE, "loss_scale": "128"}
     plan = backend.make_backend_plan("npu", **recipe, optim="adamw_apex_fused_npu", use_combine_grad=True,
                              apex_available=True)  # fmt: skip
@@ -395,6 +395,6 @@ def test_killed_and_resumed_k4_run_ends_at_the_uninterrupted_losses(demo, tmp_pa
 
 
 def test_bad_mode_is_refused_by_the_trainer_too():
-    # The command line's one-line error for --accumulation_mode is a row of tests/test_bad_args.py.
+    # The command line's one-line error for --accumulation_mode is a row of tests/unit/config/test_bad_args.py.
     with pytest.raises(ValueError, match="contrastive"):
         ClipTrainer(model=tiny_model(0.0), image_mean=[0.5] * 3, image_std=[0.5] * 3, accumulation_mode="sum")

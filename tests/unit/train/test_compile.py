@@ -1,5 +1,5 @@
 """--torch_compile True with ClipTrainer: same losses as eager, and a bounded number of compilations however many
-per-batch caption widths the run sees (the width is marked dynamic, clip_train/compiling.py)."""
+per-batch caption widths the run sees (the width is marked dynamic, clip_train/train/compiling.py)."""
 
 from __future__ import annotations
 

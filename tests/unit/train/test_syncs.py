@@ -48,7 +48,7 @@ def caller(depth: int = 2) -> str:
 
 
 def host_flag_read(site: str) -> bool:
-    """The non-finite guard reading a skipped-step flag it copied to pinned host memory behind a CUDA event (after
+    """The non-finite check reading a skipped-step flag it copied to pinned host memory behind a CUDA event (after
     the event has passed): on a GPU that read waits for nothing. On CPU the same line reads a CPU tensor."""
     import inspect
 
@@ -101,7 +101,7 @@ def reads_between_logging_steps(
                 window["open"] = False  # a logging step: reading the loss and grad norm is expected
 
     class Counting(run_clip.ClipTrainer):
-        lazy_devices = ("cuda", "cpu")  # the guard's sync-free path, as it runs on a GPU
+        lazy_devices = ("cuda", "cpu")  # the check's sync-free path, as it runs on a GPU
 
         def __init__(self, *a, **k) -> None:  # noqa: ANN002, ANN003
             super().__init__(*a, **k)
