@@ -132,6 +132,7 @@ def prepare_zeroshot(
     use_cache: bool = True,
     cache_dir: str | None = None,
     workers: int = 1,
+    overwrite: bool = False,
 ) -> ZeroShotSet:
     """Read, check and prepare a class folder once: prompts tokenised, images decoded into the cache."""
     folders, files = read_folder(root)
@@ -146,7 +147,7 @@ def prepare_zeroshot(
     labels = np.repeat(np.arange(len(folders)), [len(group) for group in files])
     skipped = {"images": 0, "classes": 0}
     if use_cache and cache_dir:
-        images, meta = build_cache(paths, image_size, cache_dir, workers=workers)
+        images, meta = build_cache(paths, image_size, cache_dir, workers=workers, overwrite=overwrite)
         bad = sorted(meta["bad"])
         for i in bad:
             logger.warning("zero-shot: image skipped: %s", meta["bad"][i])
@@ -331,5 +332,5 @@ def from_args(
             data_args.zeroshot_dir, tokenizer, image_size=image_size, classnames_file=data_args.zeroshot_classnames,
             templates=data_args.zeroshot_templates, max_len=data_args.max_seq_length or 77,
             use_cache=data_args.image_cache, cache_dir=cache_dir,
-            workers=data_args.preprocessing_num_workers or 1,
+            workers=data_args.preprocessing_num_workers or 1, overwrite=data_args.overwrite_cache,
         )  # fmt: skip

@@ -112,6 +112,7 @@ def make_launch_plan(opts: Options, environ: dict[str, str], probe=probe_devices
     if not UINT.fullmatch(device_id):
         raise LaunchError(f"ASCEND_DEVICE_ID must be a device number (got '{device_id}')")
     data, model = opts.get("data_path"), opts.get("model_path")
+    demo_classes = ""  # the demo's class folder, when the launcher builds the demo
     if "demo" in opts.switches and not (data and model):
         made = subprocess.run(
             [sys.executable, "-m", "clip_train.demo", "--print-paths"],
@@ -123,6 +124,7 @@ def make_launch_plan(opts: Options, environ: dict[str, str], probe=probe_devices
             raise LaunchError("building the demo data/model failed (see above)")
         found = dict(line.split("=", 1) for line in made.stdout.splitlines() if "=" in line)
         data, model = data or found.get("data_dir", ""), model or found.get("model_dir", "")
+        demo_classes = found.get("classes_dir", "")
     if not data:
         raise LaunchError("--data_path is required (or --demo)", True)
     if not model:
@@ -181,6 +183,8 @@ def make_launch_plan(opts: Options, environ: dict[str, str], probe=probe_devices
     args.update(learning_rate=["5e-5"], warmup_steps=["0"], weight_decay=["0.1"], skip_steps=["10"])
     if "demo" in opts.switches:  # the demo's towers start from random weights: they need a larger step
         args.update(learning_rate=["5e-4"], logging_steps=["10"])
+        if demo_classes:  # the demo's shapes and colours as classes: zero-shot top-1 beside retrieval
+            args.update(zeroshot_dir=[demo_classes], zeroshot_templates=["simple"])
     args["save_steps"] = [str(SAVE_STEPS_MULTI if multi else SAVE_STEPS_1P)]
     if multi and family == "npu":  # the recipe's Ascend value; run_clip.py picks each family's otherwise
         args["ddp_bucket_cap_mb"] = ["150"]

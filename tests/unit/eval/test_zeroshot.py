@@ -275,3 +275,40 @@ def test_a_demo_made_before_the_class_folder_gets_one(tmp_path) -> None:
     assert (
         len(folders) == CLASSES and all(len(f) == PER_CLASS for f in files) and folders[0] == "black_circle"
     )
+
+
+def test_overwrite_cache_rebuilds_the_class_folders_image_cache(demo, tmp_path, monkeypatch) -> None:
+    """An image replaced in place (same name, size and time) is seen again only with --overwrite_cache."""
+    import shutil
+    import time
+
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from clip_train.data import images
+
+    data_dir, model_dir = demo
+    root = tmp_path / "classes"
+    shutil.copytree(classes_dir(data_dir), root)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+
+    def first_pixels(overwrite: bool) -> np.ndarray:
+        zs = zeroshot.prepare_zeroshot(
+            str(root),
+            tok,
+            image_size=64,
+            templates="simple",
+            cache_dir=str(tmp_path / "c"),
+            overwrite=overwrite,
+        )
+        return np.asarray(zs.images[0]).copy()
+
+    before = first_pixels(False)
+    target = sorted(root.glob("*/*.jpg"))[0]
+    stat = target.stat()
+    Image.new("RGB", (64, 64), (0, 0, 0)).save(target, quality=95)
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert np.array_equal(first_pixels(False), before)  # the cache does not look at each file
+    # overwrite rebuilds caches made before this process started (a run's ranks share theirs): as a new run would
+    monkeypatch.setattr(images, "_STARTED", time.time())
+    assert not np.array_equal(first_pixels(True), before)

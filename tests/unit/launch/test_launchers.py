@@ -20,6 +20,7 @@ import pytest
 from conftest import launch_sh, launcher_env
 
 from clip_train.checkpoint.layout import MARKER, last_complete_step
+from clip_train.demo import classes_dir
 from clip_train.errors import LaunchError
 from clip_train.eval.recipe_log import recipe_blocks
 from clip_train.launch import cli as launch
@@ -327,3 +328,12 @@ def test_preemption_guard_turns_a_signal_into_save_and_stop(tmp_path: Path) -> N
     ) as e:
         guard.check(str(tmp_path))
     assert e.value.exit_code == 143
+
+
+def test_the_demo_launch_evaluates_zero_shot_on_the_demos_class_folder(demo, tmp_path: Path) -> None:
+    """--demo builds (or finds) the demo and its class folder; the command evaluates zero-shot on it."""
+    proc = launch_sh("full_1p", "--demo", "--dry_run", env=launcher_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    command = proc.stdout.splitlines()[-1]
+    assert f"--zeroshot_dir {classes_dir(demo[0])}" in command, command
+    assert "--zeroshot_templates simple" in command
