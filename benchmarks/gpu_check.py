@@ -37,6 +37,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
 from bench_runs import run_one, tail  # noqa: E402
+from flops import flops_per_sample  # noqa: E402
 
 OUT_FILES = ("gpu_check.md", "gpu_check.json", "profile.txt")
 RESERVE_S = 20  # kept back from the budget for the table
@@ -74,26 +75,6 @@ def prepare(root: str, n_train: int, n_val: int, model: str) -> dict[str, str]:
         f.write("ok\n")
     print(f"data + model + image cache built in {time.perf_counter() - t:.0f} s under {base}", flush=True)
     return paths
-
-
-# --- FLOPs ------------------------------------------------------------------------------------------------------
-def _encoder_flops(tokens: float, layers: int, hidden: int, ffn: int) -> float:
-    """Forward FLOPs of a pre/post-LN transformer encoder on one sequence: QKV/out + MLP matmuls + attention."""
-    per_token = 2 * (4 * hidden * hidden + 2 * hidden * ffn) + 4 * tokens * hidden
-    return tokens * layers * per_token
-
-
-def flops_per_sample(config: object, width: float) -> float:
-    """Training FLOPs (forward x3) of one image-caption pair for a VisionTextDualEncoder config."""
-    v, t = config.vision_config, config.text_config
-    patches = (v.image_size // v.patch_size) ** 2
-    vision = _encoder_flops(patches + 1, v.num_hidden_layers, v.hidden_size, v.intermediate_size)
-    vision += 2 * patches * 3 * v.patch_size**2 * v.hidden_size + 2 * v.hidden_size * config.projection_dim
-    text = _encoder_flops(width, t.num_hidden_layers, t.hidden_size, t.intermediate_size)
-    text += (
-        2 * t.hidden_size * t.hidden_size + 2 * t.hidden_size * config.projection_dim
-    )  # pooler + projection
-    return 3 * (vision + text)
 
 
 def mean_widths(coco: str, model_dir: str, batches: list[int]) -> dict[int, float]:
