@@ -34,7 +34,7 @@ from clip_train.data import feeding, images
 from clip_train.data.inputs import check_data, get_data
 from clip_train.device import backend, memory
 from clip_train.device.families import pin_card
-from clip_train.errors import ArgumentError, DataError, SetupError, TrainingDiverged
+from clip_train.errors import ArgumentError, DataError, SetupError, TrainingDiverged, says_errors
 from clip_train.eval import model_card, zeroshot
 from clip_train.eval.plots import save_plots
 from clip_train.eval.recipe_log import recipe_blocks
@@ -223,14 +223,6 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def says_errors(error: Exception) -> bool:
-    """Under torchrun every rank stops alike (exit 2 on all): rank 0 says why, once. A data or set-up problem is
-    also said by each node's first rank, since nodes may see other disks; an argument error is the same on all."""
-    if os.environ.get("RANK", "0") == "0":
-        return True
-    return not isinstance(error, ArgumentError) and os.environ.get("LOCAL_RANK", "0") == "0"
-
-
 def cli(argv: list[str] | None = None) -> int:
     """main() with set-up and data problems as one line on stderr and exit code 2 (no traceback)."""
     try:
@@ -248,10 +240,7 @@ def cli(argv: list[str] | None = None) -> int:
             note_stop(2, "bad command line (see the usage error above)")
         raise
     finally:
-        # Left to interpreter exit, the process group's threads can abort the process after a finished run
-        # ("terminate called without an active exception"), and torchrun then reports the run as failed.
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        backend.leave_process_group()
     return 0
 
 

@@ -5,6 +5,8 @@ A leaf: every module may import it; it imports nothing of ours.
 
 from __future__ import annotations
 
+import os
+
 
 class ArgumentError(Exception):
     """A command-line value that cannot work, said before anything is loaded or made."""
@@ -28,3 +30,11 @@ class LaunchError(Exception):
     def __init__(self, message: str, usage: bool = False) -> None:
         super().__init__(message)
         self.usage = usage
+
+
+def says_errors(error: Exception) -> bool:
+    """Under torchrun every rank stops alike (exit 2 on all): rank 0 says why, once. A data or set-up problem is
+    also said by each node's first rank, since nodes may see other disks; an argument error is the same on all."""
+    if os.environ.get("RANK", "0") == "0":
+        return True
+    return not isinstance(error, ArgumentError) and os.environ.get("LOCAL_RANK", "0") == "0"

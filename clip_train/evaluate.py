@@ -18,7 +18,6 @@ import sys
 import tempfile
 from typing import Any
 
-import torch
 from transformers import TrainingArguments
 
 from clip_train.config.args import DataTrainingArguments
@@ -26,7 +25,7 @@ from clip_train.data import rows as loading
 from clip_train.data.dataset import Collator
 from clip_train.data.images import default_cache_dir
 from clip_train.device import backend
-from clip_train.errors import ArgumentError, DataError, SetupError
+from clip_train.errors import ArgumentError, DataError, SetupError, says_errors
 from clip_train.eval import model_card, standalone
 from clip_train.eval.templates import BUILT_IN
 from clip_train.train.trainer import ClipTrainer
@@ -127,17 +126,18 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
+    """main() with bad input as one line on stderr (rank 0 says it under torchrun) and exit code 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         main(argv)
+        return 0
     except (ArgumentError, DataError, SetupError) as e:
-        print(f"clip_train.evaluate: error: {e}", file=sys.stderr)
+        if says_errors(e):
+            print(f"clip_train.evaluate: error: {e}", file=sys.stderr)
         return 2
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0
+        backend.leave_process_group()
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(cli())

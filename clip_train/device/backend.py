@@ -350,3 +350,10 @@ def synchronize(device: str | torch.device) -> None:
         import torch_npu
 
         torch_npu.npu.synchronize(device)
+
+
+def leave_process_group() -> None:
+    """Tear the process group down before exit. Left to interpreter exit, its threads can abort the process after a
+    finished run ("terminate called without an active exception"), and torchrun then reports the run as failed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -21,7 +21,7 @@ from clip_train.config.args import DataTrainingArguments, ModelArguments, Recipe
 from clip_train.config.settle import settle
 from clip_train.data.feeding import available_cpus, given_options
 from clip_train.device import backend
-from clip_train.errors import ArgumentError, DataError
+from clip_train.errors import ArgumentError, DataError, says_errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -158,7 +158,7 @@ def test_under_torchrun_only_rank_0_prints_the_error(demo, tmp_path, capfd, monk
                                      ("8", "0", ArgumentError("x"), False)):  # fmt: skip
         monkeypatch.setenv("RANK", rank)
         monkeypatch.setenv("LOCAL_RANK", local)
-        assert run_clip.says_errors(error) is said
+        assert says_errors(error) is said
 
 
 def test_python_version_is_the_tested_one() -> None:
