@@ -130,9 +130,13 @@ def main(argv: list[str] | None = None) -> dict:
     cache_dir = data_args.image_cache_dir or images.default_cache_dir(model_args.cache_dir)
     inputs = get_data(data_args, training_args, tokenizer, image_size, cache_dir)
     train_input, eval_input = inputs.get("train"), inputs.get("validation")
-    classes = zeroshot.from_args(
-        data_args, tokenizer, image_size=image_size, cache_dir=cache_dir, training_args=training_args
-    )
+    classes = None
+    if training_args.do_eval:  # nothing evaluates otherwise: leave the class folder alone
+        classes = zeroshot.from_args(
+            data_args, tokenizer, image_size=image_size, cache_dir=cache_dir, training_args=training_args
+        )
+    elif data_args.zeroshot_dir:
+        logger.warning("--zeroshot_dir is not used: this run does not evaluate (add --do_eval)")
     run_id = outputs.same_run(resume_from, training_args, recipe_args.loss_scope, model_args.model_name_or_path,
                               train_input, accumulation_mode=recipe_args.accumulation_mode)  # fmt: skip
 
@@ -173,6 +177,9 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=resume_from)
         preemption.check(training_args.output_dir)
+        final.signum = (
+            preemption.signum
+        )  # one that came in the last step: stop once the final save is complete
         with final:
             metrics = {**train_result.metrics, **trainer.throughput_metrics(), **skipped["train"]}
             metrics.update(trainer.undecodable("train", "train"))

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     if targs.process_index == 0:
         print(f"{args.model} ({type(model).__name__}, {world} process{'es' if world > 1 else ''})")
         print(standalone.table(metrics), flush=True)
-        command = shlex.join(["python3", "-m", "clip_train.evaluate", *argv])
+        command = shlex.join(["python3", "-m", "clip_train.evaluate", *model_card.without_secrets(argv)])
         if args.output:
             standalone.write_json(args.output, metrics, model=args.model, command=command)
         if args.model_card:

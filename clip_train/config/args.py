@@ -19,6 +19,7 @@ from clip_train.config.checks import (
     local_folder,
     loss_scale,
     non_empty,
+    not_with,
     number,
     one_of,
     shards,
@@ -187,6 +188,8 @@ class DataTrainingArguments:
             Rule("max_eval_samples", whole(1), "a whole number of rows >= 1", "leave it out to use every row"),
             Rule("train_num_samples", whole(1), "a whole number of samples >= 1 (the epoch length)", "or leave it out to read sizes.json next to the shards"),
             Rule("shuffle_buffer", whole(0), "a whole number of samples >= 0", "e.g. 1000; 0 turns the sample shuffle off"),
+            Rule("train_shards", not_with("train_file"), "one source for the train split", "drop --train_file or --train_shards"),
+            Rule("validation_shards", not_with("validation_file"), "one source for the validation split", "drop --validation_file or --validation_shards"),
         ])  # fmt: skip
 
 

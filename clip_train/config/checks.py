@@ -188,6 +188,15 @@ def shards(v: Any, a: Any) -> str | None:
     return f"{len(missing)} of {len(urls)} shards not found, e.g. {missing[0]}" if missing else None
 
 
+def not_with(other: str) -> Check:
+    """A source of a split given once: shards and a table file for the same split cannot both be read."""
+
+    def check(v: Any, a: Any) -> str | None:
+        return f"--{other} gives the same split" if v and getattr(a, other) else None
+
+    return check
+
+
 def _zeroshot(v: Any, read: Callable[[Any], Any]) -> str | None:
     """The problem eval/zeroshot.py finds in a --zeroshot_* value (its one-line DataError, less the flag)."""
     if v is None:

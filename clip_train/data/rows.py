@@ -79,7 +79,14 @@ def check_readable(data_args: Any, split: str) -> None:
     """Before the output folder is made: a split read from the COCO folder has annotations that parse and images
     whose zip opens (table files were checked line by line with the arguments). Raises DataError."""
     table_file = data_args.train_file if split == "train" else data_args.validation_file
-    if table_file or data_args.dataset_name not in COCO_NAMES or not data_args.data_dir:
+    if not (table_file or data_args.data_dir):  # found here, not after the other split's caches are built
+        flags = (
+            "--train_file or --train_shards"
+            if split == "train"
+            else "--validation_file or --validation_shards"
+        )
+        raise DataError(f"no {split} data: give --data_dir (the COCO 2017 folder), {flags}")
+    if table_file or data_args.dataset_name not in COCO_NAMES:
         return  # load_rows says what is wrong with these
     check_split(data_args.data_dir, split, data_args.dataset_config_name or "2017")
 

@@ -96,8 +96,6 @@ def check_keys(urls: list[str], fmt: SampleFormat, what: str) -> None:
 
 def make_stream(data_args: Any, training_args: Any, tokenizer: Any, image_size: int) -> ShardStream:
     """--train_shards as this rank's stream (training_args is only read)."""
-    if data_args.train_file:
-        raise DataError(f"give the train split either as shards or as {data_args.train_file!r}, not both")
     urls = expand_shards(data_args.train_shards)
     fmt = sample_format(data_args, tokenizer, image_size)
     check_keys(urls, fmt, "--train_shards")
@@ -129,10 +127,6 @@ def read_validation(
 ) -> tuple[ClipDataset, Counter]:
     """--validation_shards read whole into a ClipDataset (its first --max_eval_samples rows, as the COCO path),
     and the rows left out, by kind."""
-    if data_args.validation_file:
-        raise DataError(
-            f"give the validation split either as shards or as {data_args.validation_file!r}, not both"
-        )
     urls = expand_shards(data_args.validation_shards)
     fmt = sample_format(data_args, tokenizer, image_size)
     check_keys(urls, fmt, "--validation_shards")

@@ -37,6 +37,24 @@ FIGURES = (  # (key, what it is), in the card's order
 )
 
 
+SECRET_FLAGS = ("--token", "--hub_token")
+
+
+def without_secrets(argv: list[str]) -> list[str]:
+    """The command line with the values of --token / --hub_token blanked: the card ships with the model."""
+    out, hide = [], False
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if hide:
+            out.append("***")
+        elif name in SECRET_FLAGS and "=" in arg:
+            out.append(f"{name}=***")
+        else:
+            out.append(arg)
+        hide = name in SECRET_FLAGS and "=" not in arg
+    return out
+
+
 def base_models(config: dict) -> list[str]:
     """The towers' names_or_paths recorded in a dual encoder's config, where they are hub ids (not local paths)."""
     names = [(config.get(k) or {}).get("_name_or_path", "") for k in ("vision_config", "text_config")]
@@ -158,7 +176,7 @@ def after_training(
         data += f"; zero-shot on {data_args.zeroshot_dir} ({data_args.zeroshot_templates} templates)"
     return write(
         trainer.args.output_dir,
-        command=shlex.join(["python3", "run_clip.py", *argv]),
+        command=shlex.join(["python3", "run_clip.py", *without_secrets(argv)]),
         hardware_line=f"{hardware(trainer.args.device)}" + (f", {world} processes" if world > 1 else ""),
         precision=precision,
         figures=figures,

@@ -77,6 +77,7 @@ class ClipTrainer(BackendTrainerMixin, ContrastiveAccumulationMixin, Trainer):
         # The text tower's attention implementation (read at the first batch), and for compiled runs the mask of
         # a batch without padding, per shape.
         self._text_attn: str | None = None
+        self._text_tower: torch.nn.Module | None = None
         self._full_masks: dict[tuple, torch.Tensor] = {}
         self._static_widths = (
             self.args.torch_compile and width_policy(self.args.torch_compile_mode) == "static"
@@ -173,14 +174,18 @@ class ClipTrainer(BackendTrainerMixin, ContrastiveAccumulationMixin, Trainer):
         host-device sync in the forward. No mask (nothing padded) stays None in eager runs; compiled runs get an
         all-True mask instead, so a padded and an unpadded batch of one width share a graph."""
         if self._text_attn is None:
-            text = getattr(self.accelerator.unwrap_model(model), "text_model", None)
-            self._text_attn = getattr(getattr(text, "config", None), "_attn_implementation", None) or ""
-        mask = text_attention_mask(inputs.get("attention_mask"), self._text_attn)
+            self._text_tower = getattr(self.accelerator.unwrap_model(model), "text_model", None)
+            self._text_attn = (
+                getattr(getattr(self._text_tower, "config", None), "_attn_implementation", None) or ""
+            )
+        # The weights' dtype now: apex O2 casts them to fp16 after the trainer is made.
+        dtype = next(self._text_tower.parameters()).dtype if self._text_tower is not None else torch.float32
+        mask = text_attention_mask(inputs.get("attention_mask"), self._text_attn, dtype)
         ids = inputs["input_ids"]
         if mask is None and self.args.torch_compile:
-            key = (*ids.shape, ids.device)
+            key = (*ids.shape, ids.device, dtype)
             if key not in self._full_masks:
-                self._full_masks[key] = full_mask(*ids.shape, self._text_attn, ids.device)
+                self._full_masks[key] = full_mask(*ids.shape, self._text_attn, ids.device, dtype)
             mask = self._full_masks[key]
         if self.args.torch_compile:
             mark_caption_width({"input_ids": ids, "attention_mask": mask}, static=self._static_widths)

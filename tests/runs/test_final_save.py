@@ -52,3 +52,36 @@ def test_sigterm_during_the_final_save_finishes_it_then_stops(demo, tmp_path) ->
     results = json.loads((out / "all_results.json").read_text())
     assert "eval_loss" in results and "train_samples_per_second" in results
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+# TEST SEAM: the scheduler's SIGTERM arrives during the last training step (the Trainer then saves and leaves
+# train() without a pre-emption stop, since no step is left to stop at).
+SIGTERM_IN_LAST_STEP = """
+import os, signal, sys
+import run_clip
+
+class LastStepSignal(run_clip.ClipTrainer):
+    def training_step(self, *args, **kwargs):
+        if self.state.global_step == self.state.max_steps - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().training_step(*args, **kwargs)
+
+run_clip.ClipTrainer = LastStepSignal
+sys.exit(run_clip.cli(sys.argv[1:]))
+"""
+
+
+def test_sigterm_in_the_last_step_stops_after_the_final_save(demo, tmp_path) -> None:
+    """Not lost: the run saves the final model whole and stops with 128 + 15 instead of evaluating on."""
+    data_dir, model_dir = demo
+    out = tmp_path / "out"
+    args = [
+        "--output_dir", str(out), "--model_name_or_path", model_dir, "--data_dir", data_dir, "--do_train",
+        "--do_eval", "--max_steps", "2", "--per_device_train_batch_size", "8", "--max_train_samples", "16",
+        "--max_eval_samples", "16", "--dataloader_num_workers", "0", "--save_strategy", "no", "--report_to", "none",
+        "--disable_tqdm", "True",
+    ]  # fmt: skip
+    r = run_py(["-c", SIGTERM_IN_LAST_STEP, *args], timeout=300)
+    assert r.returncode == 128 + 15, r.stderr[-3000:]
+    assert "logit_scale" in load_file(out / "model.safetensors")
+    assert not (out / "all_results.json").exists() and not (out / "eval_results.json").exists()

@@ -30,6 +30,7 @@ def files(tmp) -> dict[str, str]:
         "notalist.json": "[1, 2]\n",
         "empty.csv": "",
         "captions.txt": "a.jpg\ta cat\n",
+        "good.csv": "image_path,caption\na.jpg,a cat\n",
     }
     for name, text in made.items():
         (tmp / name).write_text(text)
@@ -48,6 +49,8 @@ ROWS: list[tuple[list[str], str]] = [
     (["--skip_steps", "-3"], "--skip_steps -3: expected a whole number of steps >= 0"),
     (["--train_shards", "/nonexistent/{00..03}.tar"], "--train_shards /nonexistent/{00..03}.tar: 4 of 4 shards not found"),
     (["--validation_shards", "/nonexistent/val.tar"], "--validation_shards /nonexistent/val.tar: 1 of 1 shards not found"),
+    (["--train_shards", "{a-file}", "--train_file", "{good.csv}"], "--train_file gives the same split; expected one source for the train split"),
+    (["--validation_shards", "{a-file}", "--validation_file", "{good.csv}"], "--validation_file gives the same split"),
     (["--train_num_samples", "0"], "--train_num_samples 0: expected a whole number of samples >= 1"),
     (["--shuffle_buffer", "-1"], "--shuffle_buffer -1: expected a whole number of samples >= 0"),
     (["--accumulation_mode", "sum"], "--accumulation_mode sum: expected contrastive or mean"),

@@ -203,3 +203,15 @@ def test_an_accelerator_run_gets_its_loader_and_device_choices_in_the_copy(demo,
     assert settled.accelerator_config.non_blocking and not training_args.accelerator_config.non_blocking
     assert record.feeding["accelerator_config.non_blocking"] is True
     assert record.plan.settings["nan/inf loss filter"] == "on device"
+
+
+def test_a_split_without_a_source_stops_before_anything_is_built(demo, tmp_path, capfd) -> None:
+    """--train_file and --do_eval with no validation source: said before the train caches are built, naming the flags."""
+    table = tmp_path / "train.csv"
+    table.write_text("image_path,caption\na.jpg,a cat\n")
+    out = tmp_path / "out"
+    argv = [a for a in base_args("", demo[1], str(out)) if a not in ("--data_dir", "")]
+    rc, lines, err = one_error(capfd, [*argv, "--train_file", str(table), "--do_eval"])
+    assert rc == 2 and len(lines) == 1, err[-2000:]
+    assert "no validation data: give --data_dir" in lines[0] and "--validation_shards" in lines[0]
+    assert not out.exists()

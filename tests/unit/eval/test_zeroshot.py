@@ -312,3 +312,13 @@ def test_overwrite_cache_rebuilds_the_class_folders_image_cache(demo, tmp_path, 
     # overwrite rebuilds caches made before this process started (a run's ranks share theirs): as a new run would
     monkeypatch.setattr(images, "_STARTED", time.time())
     assert not np.array_equal(first_pixels(True), before)
+
+
+def test_the_cards_command_line_hides_tokens() -> None:
+    """The card ships with the model: a hub token given on the command line must not."""
+    from clip_train.eval.model_card import without_secrets
+
+    argv = ["--token", "hf_secret", "--hub_token=hf_other", "--output_dir", "out", "--token=hf_third"]
+    shown = without_secrets(argv)
+    assert shown == ["--token", "***", "--hub_token=***", "--output_dir", "out", "--token=***"]
+    assert not any("hf_" in a for a in shown)

@@ -74,3 +74,20 @@ def test_no_mask_and_the_full_mask_equal_an_all_ones_2d_mask(demo) -> None:
             got = model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert text_attention_mask(torch.ones(2, 4), "flash_attention_2").dim() == 2  # others: as given
+
+
+def test_the_eager_mask_follows_half_precision_weights(demo) -> None:
+    """apex O2 runs the towers in fp16 weights without autocast: the additive mask must be fp16 too (an fp32 one
+    makes the eager attention's next matmul fail), and it masks what the 2-D mask masks."""
+    _, model_dir = demo
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval().to(torch.bfloat16)
+    b = Collator(tok.pad_token_id, 128)([sample(3), sample(7)])
+    mask = text_attention_mask(b["attention_mask"], "eager", torch.bfloat16)
+    assert mask.dtype == torch.bfloat16
+    with torch.no_grad():
+        four_d = model.get_text_features(input_ids=b["input_ids"], attention_mask=mask).pooler_output
+        two_d = model.get_text_features(
+            input_ids=b["input_ids"], attention_mask=b["attention_mask"]
+        ).pooler_output
+    torch.testing.assert_close(four_d, two_d)
