@@ -73,8 +73,10 @@ def coco_split(
         data_dir=None if table else coco, validation_file=table, image_cache_dir=cache_dir
     )
     rows = loading.load_rows(data_args, "validation")
-    return loading.make_split(rows, tokenizer, data_args, image_size=size, cache_dir=cache_dir or default_cache_dir(None),
-                              limit=max_samples, name="validation")  # fmt: skip
+    dataset, _, skipped = loading.make_split(rows, tokenizer, data_args, image_size=size,
+                                             cache_dir=cache_dir or default_cache_dir(None), limit=max_samples,
+                                             name="validation")  # fmt: skip
+    return dataset, skipped
 
 
 def data_line(args: argparse.Namespace) -> str:
@@ -95,22 +97,23 @@ def main(argv: list[str] | None = None) -> dict:
         model, tokenizer, processor = standalone.load_model(args.model)
         size = standalone.image_size(model)
         split = classes = None
+        skipped: dict = {}
         with targs.main_process_first(desc="evaluation caches"):
             if args.coco:
-                split = coco_split(args.coco, tokenizer, size, cache_dir=args.cache_dir,
+                split, skipped = coco_split(args.coco, tokenizer, size, cache_dir=args.cache_dir,
                                               max_samples=args.max_eval_samples)  # fmt: skip
             if args.zeroshot_dir:
                 classes = standalone.class_folder(args, tokenizer, size)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         trainer = ClipTrainer(
-            model=model, args=targs, eval_dataset=split.dataset if split else None,
+            model=model, args=targs, eval_dataset=split,
             data_collator=Collator(pad_id, 128), image_mean=processor.image_mean, image_std=processor.image_std,
             pad_id=pad_id, zeroshot=classes,
         )  # fmt: skip
         metrics = trainer.evaluate()
     if split is not None:
-        metrics["eval_samples"] = len(split.dataset)
-        metrics.update({f"eval_skipped_{k}": v for k, v in split.skipped.items()})
+        metrics["eval_samples"] = len(split)
+        metrics.update({f"eval_skipped_{k}": v for k, v in skipped.items()})
     if targs.process_index == 0:
         print(f"{args.model} ({type(model).__name__}, {world} process{'es' if world > 1 else ''})")
         print(standalone.table(metrics), flush=True)

@@ -163,6 +163,7 @@ def _ddp_rank(model_dir: str, out: str) -> None:
             }
         )  # fmt: skip
     )
+    dist.barrier()  # neither rank tears gloo down while the other still uses it (one hung in destroy under load)
     dist.destroy_process_group()
 
 
