@@ -28,15 +28,20 @@ sys.exit(run_clip.cli(sys.argv[1:]))
 """
 
 
-def test_sigterm_during_the_final_save_finishes_it_then_stops(demo, tmp_path) -> None:
+def two_steps(demo: tuple[str, str], out) -> list[str]:
+    """A two-step run that trains, saves only at the end, and evaluates."""
     data_dir, model_dir = demo
-    out = tmp_path / "out"
-    args = [
+    return [
         "--output_dir", str(out), "--model_name_or_path", model_dir, "--data_dir", data_dir, "--do_train",
         "--do_eval", "--max_steps", "2", "--per_device_train_batch_size", "8", "--max_train_samples", "16",
         "--max_eval_samples", "16", "--dataloader_num_workers", "0", "--save_strategy", "no", "--report_to", "none",
         "--disable_tqdm", "True",
     ]  # fmt: skip
+
+
+def test_sigterm_during_the_final_save_finishes_it_then_stops(demo, tmp_path) -> None:
+    out = tmp_path / "out"
+    args = two_steps(demo, out)
     r = run_py(["-c", SIGTERM_IN_FINAL_SAVE, *args], timeout=300)
     assert r.returncode == 128 + 15, r.stderr[-3000:]
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("run_clip.py:")]
@@ -73,14 +78,8 @@ sys.exit(run_clip.cli(sys.argv[1:]))
 
 def test_sigterm_in_the_last_step_stops_after_the_final_save(demo, tmp_path) -> None:
     """Not lost: the run saves the final model whole and stops with 128 + 15 instead of evaluating on."""
-    data_dir, model_dir = demo
     out = tmp_path / "out"
-    args = [
-        "--output_dir", str(out), "--model_name_or_path", model_dir, "--data_dir", data_dir, "--do_train",
-        "--do_eval", "--max_steps", "2", "--per_device_train_batch_size", "8", "--max_train_samples", "16",
-        "--max_eval_samples", "16", "--dataloader_num_workers", "0", "--save_strategy", "no", "--report_to", "none",
-        "--disable_tqdm", "True",
-    ]  # fmt: skip
+    args = two_steps(demo, out)
     r = run_py(["-c", SIGTERM_IN_LAST_STEP, *args], timeout=300)
     assert r.returncode == 128 + 15, r.stderr[-3000:]
     assert "logit_scale" in load_file(out / "model.safetensors")

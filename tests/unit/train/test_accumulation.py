@@ -332,8 +332,8 @@ def test_apex_o2_stand_in_backpropagates_each_micro_batch_through_scale_loss(dem
     apex.amp.CALLS.clear()
     got, _, _, _ = train(model_dir, str(tmp_path / "k2"), 8, 2, plan=plan)
     calls = [c[0] for c in apex.amp.CALLS if c[0] != "initialize"]
-    # max_grad_norm 0: no clip, but the norm is taken over apex's fp32 masters (an fp16 norm of scaled grads overflows)
-    assert calls == ["scale_loss", "scale_loss", "clip_optimizer_grad_norm_fused", "step"] * 2
+    norm = "clip_optimizer_grad_norm_fused"  # clipping off, but the norm is the fp32 masters' (issue 25.12)
+    assert calls == ["scale_loss", "scale_loss", norm, "step"] * 2
     assert got[0] == pytest.approx(want[0], abs=1e-4) and np.isfinite(got).all()
 
 
