@@ -323,8 +323,7 @@ def test_apex_o2_stand_in_backpropagates_each_micro_batch_through_scale_loss(dem
     import apex
 
     _, model_dir = demo
-    # A static scale fp16 gradients survive: the recipe's 12800000 overflows them (the stand-in models that, and the
-    # check then skips every step; tests/unit/device/test_apex_amp.py covers it).
+    # A static scale fp16 gradients survive (the recipe's 12800000 overflows them: tests/unit/device/test_apex_amp.py).
     recipe = {**RECIPE, "loss_scale": "128"}
     plan = backend.make_backend_plan("npu", **recipe, optim="adamw_apex_fused_npu", use_combine_grad=True,
                              apex_available=True)  # fmt: skip
