@@ -116,7 +116,8 @@ def test_timed_saves_agree_across_ranks(runs):
         int(line.rsplit("-", 1)[1]) for line in before_kill.splitlines() if "Checkpoint complete:" in line
     ]
     assert len(steps) >= 2 and steps == sorted(set(steps)), steps
-    assert int(killed["last_complete"].rsplit("-", 1)[1]) in steps
+    last = int(killed["last_complete"].rsplit("-", 1)[1])
+    assert last in steps or last > steps[-1]  # the kill may land between its marker and its log line
 
 
 def make_checkpoint(out: str, step: int, *, state: bool = True, marker: bool = True) -> str:
